@@ -1,0 +1,174 @@
+"""LatentDiffusion: Stable Diffusion as a LightningModule.
+
+    image x [B,3,H,W] in [-1,1] --VAE encode--> z_0 = scale_factor * E(x)   [B,4,H/8,W/8]
+    caption --text encoder--> c                                              [B,77,D]
+    t ~ U{0..T-1},  eps ~ N(0, I),  z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps
+    loss = || UNet(z_t, t, c) - target ||^2,   target = eps  (or v for parameterization "v")
+
+Only the UNet trains by default; the text encoder trains when `cond_stage_trainable`
+is set; the VAE is always frozen. State-dict names follow the released checkpoints:
+`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule
+buffers, and `model_ema.*` when EMA is on.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.diffusion import schedule
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model`, giving the `model.diffusion_model.*` key prefix."""
+
+    def __init__(self, unet_config: Mapping[str, Any]):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(unet_config, path="model.params.unet_config")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for .train() on frozen parts: they stay in eval mode."""
+    return self
+
+
+class LatentDiffusion(pl.LightningModule):
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 0.00085,
+        linear_end: float = 0.0120,
+        parameterization: str = "eps",
+        scale_factor: float = 0.18215,
+        image_size: int = 64,
+        channels: int = 4,
+        cond_stage_trainable: bool = False,
+        use_ema: bool = False,
+        ema_decay: float = 0.9999,
+        # Keys the released SD YAMLs carry; they take only the value SD uses.
+        conditioning_key: str = "crossattn",
+        num_timesteps_cond: int = 1,
+        first_stage_key: str = "image",
+        cond_stage_key: str = "caption",
+        log_every_t: int = 200,
+        monitor: str | None = None,
+    ):
+        super().__init__()
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"model.params.parameterization: expected 'eps' or 'v', got {parameterization!r}")
+        if conditioning_key != "crossattn":
+            raise ValueError(f"model.params.conditioning_key: only 'crossattn' is supported, got {conditioning_key!r}")
+        if num_timesteps_cond != 1:
+            raise ValueError("model.params.num_timesteps_cond: only 1 is supported")
+        self.parameterization = parameterization
+        self.scale_factor = scale_factor  # a plain attribute: released checkpoints do not store it
+        self.image_size = image_size
+        self.channels = channels
+        self.cond_stage_trainable = cond_stage_trainable
+        self.monitor = monitor
+        self.learning_rate = 1.0e-4  # set by the trainer from model.base_learning_rate
+
+        self.model = DiffusionWrapper(unet_config)
+        self.first_stage_model = instantiate_from_config(first_stage_config, path="model.params.first_stage_config")
+        self.cond_stage_model = instantiate_from_config(cond_stage_config, path="model.params.cond_stage_config")
+        self._freeze(self.first_stage_model)
+        if not cond_stage_trainable:
+            self._freeze(self.cond_stage_model)
+        else:
+            self.cond_stage_model.requires_grad_(True)
+            self.cond_stage_model.train()
+
+        self.num_timesteps = timesteps
+        betas = schedule.make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        for name, value in schedule.schedule_buffers(betas).items():
+            self.register_buffer(name, value)
+
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+
+    @staticmethod
+    def _freeze(module: nn.Module) -> None:
+        module.eval()
+        module.train = _frozen_train.__get__(module)  # keep eval mode under trainer.fit()
+        module.requires_grad_(False)
+
+    # ---- encoders ---------------------------------------------------------------
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,3,H,W] in [-1,1] -> z_0 [B,4,H/f,W/f], sampled from the posterior and scaled."""
+        return self.scale_factor * self.first_stage_model.encode(x).sample()
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, cond: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Captions (list of str) or token ids [B,77] -> context [B,77,D]."""
+        if isinstance(cond, torch.Tensor):
+            return self.cond_stage_model.encode_tokens(cond.to(self.device))
+        return self.cond_stage_model(list(cond))
+
+    # ---- diffusion ----------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return schedule.q_sample(self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, x0, t, noise)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.parameterization == "v":
+            return schedule.v_target(self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, x0, t, noise)
+        return noise
+
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.model(x_t, t, context)
+
+    def p_losses(self, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss [B]: mean squared error between the prediction and its target."""
+        noise = torch.randn_like(z0) if noise is None else noise
+        pred = self.apply_model(self.q_sample(z0, t, noise), t, context)
+        return F.mse_loss(pred.float(), self.target(z0, t, noise).float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        z0 = batch["latent"] if "latent" in batch else self.encode_first_stage(batch["image"])
+        context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device)
+        return self.p_losses(z0, context, t).mean()
+
+    # ---- Lightning hooks ---------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.shared_step(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @contextmanager
+    def ema_scope(self) -> Iterator[None]:
+        """EMA weights in the UNet for the duration of the block (sampling, validation)."""
+        with (self.model_ema.swapped_in(self.model) if self.use_ema else nullcontext()):
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, fused=fused or None)
