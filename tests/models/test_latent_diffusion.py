@@ -93,7 +93,7 @@ def test_tiny_model_loss_decreases_on_a_fixed_batch(parameterization):
     torch.manual_seed(0)
     model = build(ROOT / "tests/configs/tiny.yaml", parameterization=parameterization, use_ema=True)
     model.learning_rate = 1e-3
-    opt = model.configure_optimizers()
+    opt = model.configure_optimizers()["optimizer"]
     batch = tiny_batch()
     z0 = model.encode_first_stage(batch["image"])
     context = model.get_learned_conditioning(batch["caption"])
@@ -125,7 +125,8 @@ def test_training_step_gives_gradients_to_unet_only():
 
 def test_text_encoder_trains_when_asked():
     model = build(ROOT / "tests/configs/tiny.yaml", cond_stage_trainable=True)
-    opt = model.configure_optimizers()
+    opt = model.configure_optimizers()["optimizer"]
+    assert [g["name"] for g in opt.param_groups] == ["unet", "text_encoder"]
     trained = {id(p) for group in opt.param_groups for p in group["params"]}
     assert all(id(p) in trained for p in model.cond_stage_model.parameters())
     assert not any(id(p) in trained for p in model.first_stage_model.parameters())
@@ -134,3 +135,26 @@ def test_text_encoder_trains_when_asked():
 def test_bad_parameterization_is_named():
     with pytest.raises(ValueError, match="parameterization"):
         build(ROOT / "tests/configs/tiny.yaml", parameterization="x0")
+
+
+def test_optimizer_section_is_checked_and_lr_comes_from_base_learning_rate():
+    with pytest.raises(ValueError, match=r"model\.params\.optimizer\.lr"):
+        build(ROOT / "tests/configs/tiny.yaml", optimizer={"lr": 1e-3})
+    with pytest.raises(ValueError, match=r"model\.params\.optimizer"):
+        build(ROOT / "tests/configs/tiny.yaml", optimizer={"nmae": "adamw"})
+    model = build(ROOT / "tests/configs/tiny.yaml", cond_stage_trainable=True,
+                  optimizer={"text_encoder_lr": 5e-7, "scheduler": "cosine", "warmup": 0.1})
+    model.learning_rate = 2e-6
+    out = model.configure_optimizers()
+    assert [g["initial_lr"] for g in out["optimizer"].param_groups] == [2e-6, 5e-7]
+    assert out["lr_scheduler"]["interval"] == "step"
+
+
+def test_reset_ema_starts_from_current_weights():
+    model = build(ROOT / "tests/configs/tiny.yaml", use_ema=True)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(1.0)
+    model.reset_ema()
+    for name, p in model.model.named_parameters():
+        assert torch.equal(getattr(model.model_ema, name.replace(".", "")), p)

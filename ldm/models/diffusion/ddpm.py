@@ -12,6 +12,7 @@ buffers, and `model_ema.*` when EMA is on.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from ldm.models.diffusion import schedule
 from ldm.modules.ema import LitEma
+from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from ldm.util import instantiate_from_config
 
 
@@ -58,6 +60,7 @@ class LatentDiffusion(pl.LightningModule):
         cond_stage_trainable: bool = False,
         use_ema: bool = False,
         ema_decay: float = 0.9999,
+        optimizer: Mapping[str, Any] | None = None,
         # Keys the released SD YAMLs carry; they take only the value SD uses.
         conditioning_key: str = "crossattn",
         num_timesteps_cond: int = 1,
@@ -80,6 +83,9 @@ class LatentDiffusion(pl.LightningModule):
         self.cond_stage_trainable = cond_stage_trainable
         self.monitor = monitor
         self.learning_rate = 1.0e-4  # set by the trainer from model.base_learning_rate
+        if optimizer is not None and "lr" in optimizer:
+            raise ValueError("model.params.optimizer.lr: the learning rate is model.base_learning_rate")
+        self.optimizer_config = OptimizerConfig.from_mapping(optimizer, key="model.params.optimizer")
 
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config, path="model.params.first_stage_config")
@@ -97,8 +103,14 @@ class LatentDiffusion(pl.LightningModule):
             self.register_buffer(name, value)
 
         self.use_ema = use_ema
+        self.ema_decay = ema_decay
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
+
+    def reset_ema(self) -> None:
+        """Start the EMA from the current UNet weights (after loading a file without EMA)."""
+        if self.use_ema:
+            self.model_ema = LitEma(self.model, decay=self.ema_decay).to(self.device)
 
     @staticmethod
     def _freeze(module: nn.Module) -> None:
@@ -163,12 +175,12 @@ class LatentDiffusion(pl.LightningModule):
         with (self.model_ema.swapped_in(self.model) if self.use_ema else nullcontext()):
             yield
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
+        groups = {"unet": [p for p in self.model.parameters() if p.requires_grad]}
         if self.cond_stage_trainable:
-            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        return params
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, fused=fused or None)
+            groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
