@@ -97,7 +97,8 @@ def test_guidance_scale_one_equals_cond_only_and_uncond_broadcasts():
     scale_one = sampler.sample(cond, uncond[:1], SHAPE, guidance_scale=1.0,
                                generator=torch.Generator().manual_seed(3), **kw)
     torch.testing.assert_close(scale_one, cond_only, atol=1e-5, rtol=1e-5)
-    guided = sampler.sample(cond, uncond[:1], SHAPE, guidance_scale=7.5, generator=torch.Generator().manual_seed(3), **kw)
+    guided = sampler.sample(cond, uncond[:1], SHAPE, guidance_scale=7.5,
+                            generator=torch.Generator().manual_seed(3), **kw)
     assert (guided - cond_only).abs().max() > 1e-2
 
 

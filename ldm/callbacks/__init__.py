@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample grids (image_logger), checkpoint safety (checkpointing), throughput."""
