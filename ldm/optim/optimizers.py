@@ -2,7 +2,8 @@
 
     optimizer:
       name: adamw            # a key of OPTIMIZERS
-      lr: 1.0e-6             # UNet learning rate
+                             # (the UNet learning rate is model.base_learning_rate; LatentDiffusion
+                             #  refuses `lr` here and fills it in)
       text_encoder_lr: null  # text encoder learning rate; null = same as lr
       weight_decay: 0.01
       betas: [0.9, 0.999]
