@@ -1,0 +1,273 @@
+"""EveryDreamBatch: the training dataset over an epoch plan, and its bucket batch sampler.
+
+    data:
+      target: ldm.data.datamodule...            # passes batch_size; main.py passes data_root
+      params:
+        batch_size: 4
+        train:
+          target: ldm.data.every_dream.EveryDreamBatch
+          params: {repeats: 20, resolution: 512, val_split: 0.1, seed: 555, conditional_dropout: 0.04}
+
+    loader = DataLoader(ds, batch_sampler=ds.batch_sampler(world_size, rank),
+                        num_workers=8, collate_fn=collate_batch)
+
+The sampler yields batches of `(record index, sample seed)` keys, all from one bucket; the
+seed makes flip, crop jitter, caption dropout and a random background reproducible for
+that (epoch, batch, position), whichever worker loads it. Call `sampler.set_epoch(e)`
+each epoch (Lightning does); `state_dict()` / `load_state_dict()` carry (epoch,
+batches_done) for a mid-epoch resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ldm.data.buckets import make_buckets
+from ldm.data.captions import check_filename_mode
+from ldm.data.images import BACKGROUNDS, RESAMPLE, check_choice, load_bucket_image
+from ldm.data.plan import EpochPlanner, derive_seed, split_validation
+from ldm.data.report import build_report, default_token_counter, render_report
+from ldm.data.scan import DatasetError, ImageRecord, ScanResult, scan_folder
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # skipped files already reported by this process
+
+
+def distributed_world() -> tuple[int, int]:
+    """(world_size, rank) of the running process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _is_rank_zero() -> bool:
+    """Before the process group exists, the launcher's RANK variable tells (Lightning DDP sets it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack images into [B, 3, H, W]; captions and paths stay lists of str."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "path": [it["path"] for it in items]}
+
+
+class BucketBatchSampler:
+    """Batches of one bucket each for one rank, in the order of the epoch plan."""
+
+    def __init__(self, planner: EpochPlanner, world_size: int = 1, rank: int = 0, fixed_epoch: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.planner, self.world_size, self.rank = planner, world_size, rank
+        self.fixed_epoch = fixed_epoch  # validation: the same batches every time
+        self.epoch = 0
+        self.batches_done = 0  # batches handed out in the current epoch (counts prefetching)
+        self._resume: tuple[int, int] | None = None  # (epoch, first batch) from load_state_dict
+        self._len = planner.plan(0, world_size).steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = 0 if self.fixed_epoch else int(epoch)
+
+    def __len__(self) -> int:
+        return self._len  # the same every epoch: the plan's sizes do not depend on the epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+            self._resume = None
+        plan = self.planner.plan(epoch, self.world_size)
+        for k in range(start, plan.steps):
+            g = self.rank + k * self.world_size  # index in the global batch order
+            self.batches_done = k + 1
+            yield [(i, derive_seed(self.planner.seed, "sample", epoch, g, p))
+                   for p, i in enumerate(plan.batches[g].items)]
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, int]:
+        """The position to save. The training loop should pass the number of batches it
+        finished: `batches_done` counted here runs ahead by the DataLoader's prefetch."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done if batches_done is None else batches_done,
+                "world_size": self.world_size, "steps_per_epoch": self._len}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """The next iteration of epoch `state["epoch"]` starts at batch `batches_done`."""
+        done = int(state["batches_done"])
+        if state.get("world_size", self.world_size) != self.world_size:
+            done = done * int(state["world_size"]) // self.world_size  # same share of the epoch
+            logger.warning("resuming on %d rank(s) from a run on %d: the epoch plan differs, resuming at "
+                           "batch %d of %d", self.world_size, state["world_size"], done, self._len)
+        self.epoch = 0 if self.fixed_epoch else int(state["epoch"])
+        self.batches_done = min(done, self._len)
+        self._resume = (self.epoch, self.batches_done)
+
+
+class BucketDataset(Dataset):
+    """Shared by EveryDreamBatch and EDValidateBatch: records, buckets, loading with fallback."""
+
+    augment = True
+
+    def _setup(self, data_root: str, scan: ScanResult, records: list[ImageRecord], planner: EpochPlanner, *,
+               resample: str, background: str, crop_jitter: float, flip_p: float, conditional_dropout: float,
+               debug_level: int) -> None:
+        if not records:
+            raise DatasetError(_nothing_found(data_root, scan, len(scan.images)))
+        self.data_root, self.scan, self.records, self.planner = data_root, scan, records, planner
+        self.resample, self.background = resample, background
+        self.crop_jitter, self.flip_p, self.conditional_dropout = crop_jitter, flip_p, conditional_dropout
+        self.debug_level = debug_level
+        self._broken: set[int] = set()
+        if _is_rank_zero():
+            for s in scan.skipped:
+                path = os.path.join(data_root, s.path)
+                if path not in _WARNED:  # train and validation may scan the same folder
+                    _WARNED.add(path)
+                    logger.warning("skipped %s: %s", path, s.reason)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch_sampler(self, world_size: int | None = None, rank: int | None = None) -> BucketBatchSampler:
+        """The sampler for this rank; world_size/rank default to the running process group."""
+        ws, rk = distributed_world()
+        return BucketBatchSampler(self.planner, ws if world_size is None else world_size,
+                                  rk if rank is None else rank, fixed_epoch=not self.augment)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, derive_seed(self.planner.seed, "item", key))
+        rng = random.Random(seed)
+        bucket = self.planner.bucket_of[index]
+        flip = self.augment and rng.random() < self.flip_p
+        drop_caption = self.augment and rng.random() < self.conditional_dropout
+        image, index = self._load_with_fallback(index, rng, flip)
+        return {"image": image, "caption": "" if drop_caption else self.records[index].caption,
+                "path": self.records[index].path, "bucket": (bucket.width, bucket.height)}
+
+    def _load_with_fallback(self, index: int, rng: random.Random, flip: bool) -> tuple[torch.Tensor, int]:
+        """Load `index`; if it fails, log it and load another image of the same bucket instead."""
+        bucket = self.planner.bucket_of[index]
+        others = [i for i in self.planner.members[bucket] if i != index and i not in self._broken]
+        rng.shuffle(others)
+        for i in ([index] if index not in self._broken else []) + others:
+            path = os.path.join(self.data_root, self.records[i].path)
+            try:
+                return load_bucket_image(path, bucket, resample=self.resample, background=self.background,
+                                         jitter=self.crop_jitter if self.augment else 0.0, flip=flip,
+                                         rng=rng), i
+            except (OSError, ValueError, SyntaxError) as e:  # deleted, unreadable or corrupt since the scan
+                self._broken.add(i)
+                logger.warning("cannot load %s (%s); using another %s image in its place", path, e, bucket)
+        raise DatasetError(f"data_root {self.data_root!r}: no image of bucket {bucket} can be loaded any more "
+                           f"({len(self.planner.members[bucket])} were found at the scan)")
+
+    def plan_report(self, world_size: int = 1, epochs: int | None = None, accumulate_grad_batches: int = 1,
+                    token_counter: Callable[[str], int] | None = None,
+                    validation: "BucketDataset | None" = None) -> tuple[str, dict]:
+        """(text, dict) of the data plan; the dict is what `dataset_plan.json` holds.
+        `token_counter` defaults to the SD 1.x CLIP tokenizer's count."""
+        warnings = []
+        if validation is not None:
+            report_val = {"images": len(validation.records), "data_root": validation.data_root}
+            if os.path.realpath(validation.data_root) == os.path.realpath(self.data_root):
+                overlap = {r.path for r in validation.records} & {r.path for r in self.records}
+                report_val["also_in_training"] = len(overlap)
+                if overlap:
+                    warnings.append(f"{len(overlap)} of the {len(validation.records)} validation images are also "
+                                    "training images; set the same val_split and seed in train and validation")
+        d = build_report(self.scan, self.planner, held_out=self.held_out, world_size=world_size,
+                         epochs=epochs, accumulate_grad_batches=accumulate_grad_batches,
+                         token_counter=token_counter or default_token_counter(),
+                         settings=self.settings, warnings=warnings)
+        if validation is not None:
+            d["validation"] = report_val
+        return render_report(d), d
+
+
+def _nothing_found(data_root: str, scan: ScanResult, usable: int) -> str:
+    msg = f"data_root {data_root!r}: no usable images"
+    if usable:
+        return f"{msg} left for this dataset ({usable} found, all held out or excluded by multiply.txt = 0)"
+    found = f"{len(scan.skipped)} image file(s) skipped" if scan.skipped else "no image files"
+    other = sum(scan.ignored.values())
+    msg += f": {found}" + (f", {other} other file(s) ignored" if other else "")
+    if scan.skipped:
+        msg += "; first: " + "; ".join(f"{s.path}: {s.reason}" for s in scan.skipped[:3])
+    return msg + ". Images need one of the extensions .jpg .jpeg .jfif .png .webp .bmp .tif .tiff .avif."
+
+
+class EveryDreamBatch(BucketDataset):
+    """Training images of `data_root` in same-bucket batches; see doc/DATA.md for every key."""
+
+    def __init__(self, data_root: str, batch_size: int, repeats: float = 1.0, resolution: int = 512,
+                 flip_p: float = 0.0, seed: int = 555, conditional_dropout: float = 0.04, debug_level: int = 0,
+                 val_split: float = 0.0, drop_incomplete: bool = False,
+                 caption_from_filename: str = "first_underscore", background: str = "white",
+                 resample: str = "bicubic", crop_jitter: float = 0.0, bucket_step: int = 64,
+                 max_aspect: float = 4.0, min_side: int = 64):
+        _check_common(seed=seed, background=background, resample=resample,
+                      caption_from_filename=caption_from_filename)
+        for key, value in (("flip_p", flip_p), ("conditional_dropout", conditional_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}: expected a probability in [0, 1], got {value}")
+        if not 0.0 <= crop_jitter <= 0.25:
+            raise ValueError(f"crop_jitter: expected a fraction of the side in [0, 0.25], got {crop_jitter}")
+        buckets = make_buckets(resolution, bucket_step, max_aspect)
+        scan = scan_folder(data_root, caption_from_filename, min_side)
+        train, self.held_out = split_validation(scan.images, val_split, seed)
+        train = [r for r in train if r.folder_repeats * r.multiply > 0]
+        planner = EpochPlanner(train, buckets, batch_size, repeats, seed,
+                               incomplete="drop" if drop_incomplete else "fill")
+        self.settings = {"batch_size": batch_size, "repeats": repeats, "resolution": resolution, "seed": seed,
+                         "val_split": val_split, "drop_incomplete": drop_incomplete, "flip_p": flip_p,
+                         "conditional_dropout": conditional_dropout, "caption_from_filename": caption_from_filename,
+                         "background": background, "resample": resample, "crop_jitter": crop_jitter,
+                         "bucket_step": bucket_step, "max_aspect": max_aspect, "min_side": min_side}
+        self._setup(str(data_root), scan, train, planner, resample=resample, background=background,
+                    crop_jitter=crop_jitter, flip_p=flip_p, conditional_dropout=conditional_dropout,
+                    debug_level=debug_level)
+        if planner.plan(0).steps == 0:
+            raise DatasetError(f"data_root {data_root!r}: drop_incomplete leaves no full batch of {batch_size} "
+                               f"in any bucket ({len(train)} images); lower batch_size or set drop_incomplete: false")
+
+
+def _check_common(*, seed: int, background: str, resample: str, caption_from_filename: str) -> None:
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0 (every rank must plan the same epochs), got {seed!r}")
+    check_choice(background, BACKGROUNDS, "background")
+    check_choice(resample, tuple(RESAMPLE), "resample")
+    check_filename_mode(caption_from_filename)
+
+
+def dry_run_report(train_params: Mapping[str, Any], data_root: str | None = None, *,
+                   batch_size: int | None = None, world_size: int = 1, epochs: int | None = None,
+                   accumulate_grad_batches: int = 1, validation: Mapping[str, Any] | None = None,
+                   token_counter: Callable[[str], int] | None = None) -> tuple[str, dict]:
+    """The data plan from config nodes alone: scans headers, builds no model, needs no GPU.
+
+    `train_params` is `data.params.train.params`; `validation` is the whole
+    `data.params.validation` node ({target, params}) or None.
+    """
+    from ldm.util import instantiate_from_config
+
+    def params(node_params: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = dict(node_params or {})
+        if data_root is not None and out.get("data_root") is None:
+            out["data_root"] = str(data_root)  # a validation node may name its own folder
+        if batch_size is not None:
+            out["batch_size"] = batch_size
+        return out
+
+    train = instantiate_from_config({"target": f"{__name__}.EveryDreamBatch", "params": params(train_params)},
+                                    path="data.params.train")
+    val = None
+    if validation is not None:
+        val = instantiate_from_config({"target": validation["target"], "params": params(validation.get("params"))},
+                                      path="data.params.validation")
+    return train.plan_report(world_size, epochs, accumulate_grad_batches, token_counter, val)

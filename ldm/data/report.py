@@ -1,0 +1,187 @@
+"""The data plan report: what `--dry_run` prints and `dataset_plan.json` holds (pure).
+
+`build_report(...)` gathers the numbers into a JSON-ready dict; `render_report(d)` turns
+that dict into the text shown to the user, so both always say the same thing.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Any, Callable, Mapping, Sequence
+
+from ldm.data.buckets import cover_scale
+from ldm.data.plan import EpochPlanner, derive_seed
+from ldm.data.scan import ImageRecord, ScanResult
+
+MAX_CAPTION_TOKENS = 75  # SD 1.x: 77 positions minus BOS and EOS
+EXAMPLES = 5             # examples shown per list in the text (the JSON keeps up to 50)
+
+
+def default_token_counter() -> Callable[[str], int]:
+    """The SD 1.x CLIP token counter (content tokens), imported only when a report needs it."""
+    from ldm.modules.encoders.tokenizer import token_count
+    return token_count
+
+
+def top_folder(path: str) -> str:
+    return path.split("/", 1)[0] if "/" in path else "(data_root)"
+
+
+def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[ImageRecord] = (),
+                 world_size: int = 1, epochs: int | None = None, accumulate_grad_batches: int = 1,
+                 token_counter: Callable[[str], int] | None = None,
+                 settings: Mapping[str, Any] | None = None, warnings: Sequence[str] = ()) -> dict:
+    records = planner.records
+    plan = planner.plan(0, world_size)
+    found = Counter(top_folder(r.path) for r in scan.images)
+    skipped = Counter(top_folder(s.path) for s in scan.skipped)
+    held = Counter(top_folder(r.path) for r in held_out)
+    folders = [{"folder": f, "images": found[f], "held_out": held[f], "skipped": skipped[f]}
+               for f in sorted(set(found) | set(skipped))]
+
+    per_bucket: dict[str, dict] = {}
+    counts = planner.counts(0)
+    for b in planner.buckets:
+        members = planner.members[b]
+        per_bucket[str(b)] = {"bucket": str(b), "width": b.width, "height": b.height, "images": len(members),
+                              "samples": sum(counts[i] for i in members), "batches": 0, "fills": 0,
+                              "dropped": 0, "upscaled": sum(cover_scale(records[i].width, records[i].height, b) > 1
+                                                            for i in members)}
+    placed: Counter = Counter()
+    for batch in plan.batches:
+        entry = per_bucket[str(batch.bucket)]
+        entry["batches"] += 1
+        entry["fills"] += batch.fills
+        placed[str(batch.bucket)] += len(batch.items) - batch.fills
+    for name, entry in per_bucket.items():
+        entry["dropped"] = entry["samples"] - placed[name]
+
+    upscaled = sorted(((cover_scale(r.width, r.height, planner.bucket_of[i]), i) for i, r in enumerate(records)),
+                      reverse=True)
+    upscaled = [{"path": records[i].path, "size": f"{records[i].width}x{records[i].height}",
+                 "bucket": str(planner.bucket_of[i]), "scale": round(s, 2)} for s, i in upscaled if s > 1]
+
+    steps_per_epoch = math.ceil(plan.steps / accumulate_grad_batches) if plan.steps else 0
+    mean_repeats = plan.samples / len(records) if records else 0.0
+    divisor = planner.batch_size * world_size * accumulate_grad_batches
+    steps = {"batch_size": planner.batch_size, "world_size": world_size,
+             "accumulate_grad_batches": accumulate_grad_batches, "batches_per_epoch": len(plan.batches),
+             "batches_per_rank": plan.steps, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+             "total_steps": steps_per_epoch * epochs if epochs else None,
+             "formula_repeats": round(mean_repeats, 4),
+             "formula_steps_per_epoch": round(len(records) * mean_repeats / divisor, 2),
+             "formula_total_steps": round(len(records) * mean_repeats * epochs / divisor, 2) if epochs else None}
+
+    warn = list(warnings)
+    for b in planner.buckets:
+        if len(planner.members[b]) < planner.batch_size:
+            warn.append(f"bucket {b} has {len(planner.members[b])} image(s), fewer than batch_size "
+                        f"{planner.batch_size}: its batches repeat images")
+
+    return {
+        "data_root": scan.data_root,
+        "settings": dict(settings or {}),
+        "folders": folders,
+        "images_found": len(scan.images),
+        "training_images": len(records),
+        "held_out_images": len(held_out),
+        "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+        "orphan_captions": scan.orphan_captions[:50],
+        "orphan_caption_count": len(scan.orphan_captions),
+        "ignored_files": dict(sorted(scan.ignored.items())),
+        "folder_weights": _folder_weights(scan.images),
+        "buckets": list(per_bucket.values()),
+        "epoch": {"samples": plan.samples, "fills": plan.fills, "dropped": plan.dropped,
+                  "pad_batches": plan.pad_batches, "incomplete": planner.incomplete},
+        "steps": steps,
+        "upscaled": {"count": len(upscaled), "examples": upscaled[:50]},
+        "captions": _caption_stats(records, planner.seed, token_counter),
+        "warnings": warn,
+    }
+
+
+def _folder_weights(records: Sequence[ImageRecord]) -> list[dict]:
+    groups: dict[tuple[str, int, float], int] = defaultdict(int)
+    for r in records:
+        if r.folder_repeats != 1 or r.multiply != 1:
+            groups[(r.folder, r.folder_repeats, r.multiply)] += 1
+    return [{"folder": f or "(data_root)", "images": n, "folder_repeats": fr, "multiply": m}
+            for (f, fr, m), n in sorted(groups.items())]
+
+
+def _caption_stats(records: Sequence[ImageRecord], seed: int,
+                   token_counter: Callable[[str], int] | None) -> dict:
+    ranked = sorted(records, key=lambda r: derive_seed(seed, "sample_captions", r.path))
+    cut = [r for r in records if r.caption_cut]
+    stats: dict[str, Any] = {
+        "sources": dict(Counter(r.caption_source for r in records)),
+        "empty": sum(1 for r in records if not r.caption),
+        "cut_at_underscore": {"count": len(cut), "examples": [{"path": r.path, "caption": r.caption}
+                                                              for r in cut[:50]]},
+        "samples": [{"path": r.path, "caption": r.caption} for r in ranked[:EXAMPLES]],
+        "long": None,
+    }
+    if token_counter is not None:
+        tokens = {c: token_counter(c) for c in {r.caption for r in records}}
+        long = [r for r in records if tokens[r.caption] > MAX_CAPTION_TOKENS]
+        stats["long"] = {"limit": MAX_CAPTION_TOKENS, "count": len(long),
+                         "examples": [{"path": r.path, "tokens": tokens[r.caption]} for r in long[:50]]}
+    return stats
+
+
+def render_report(d: Mapping[str, Any]) -> str:
+    lines = [f"Data plan for {d['data_root']}"]
+    lines.append(f"  images found: {d['images_found']}, skipped: {len(d['skipped'])}, "
+                 f"held out for validation: {d['held_out_images']}, training: {d['training_images']}")
+    lines.append("  per top-level folder (images / held out / skipped):")
+    lines += [f"    {f['folder']}: {f['images']} / {f['held_out']} / {f['skipped']}" for f in d["folders"]]
+    if d["skipped"]:
+        lines.append(f"Skipped files ({len(d['skipped'])}):")
+        lines += [f"  {s['path']}: {s['reason']}" for s in d["skipped"]]
+    if d["orphan_caption_count"]:
+        lines.append(f"Caption files with no image of the same name: {d['orphan_caption_count']}, e.g. "
+                     + ", ".join(d["orphan_captions"][:EXAMPLES]))
+    if d["ignored_files"]:
+        lines.append("Other files ignored: " + ", ".join(f"{ext} {n}" for ext, n in d["ignored_files"].items()))
+    for w in d["folder_weights"]:
+        lines.append(f"Folder {w['folder']}: {w['images']} images x folder repeats {w['folder_repeats']}"
+                     f" x multiply {w['multiply']:g}")
+    lines.append("Buckets (images, samples per epoch, batches, fills, dropped, upscaled):")
+    lines += [f"  {b['bucket']:>9}: {b['images']:6d} {b['samples']:7d} {b['batches']:6d} {b['fills']:5d} "
+              f"{b['dropped']:5d} {b['upscaled']:5d}" for b in d["buckets"]]
+    e, s = d["epoch"], d["steps"]
+    how = {"fill": "partial batches filled", "drop": "partial batches dropped",
+           "keep": "partial batches kept"}[e["incomplete"]]
+    lines.append(f"Per epoch: {e['samples']} samples after repeats; {how}: {e['fills']} fills, "
+                 f"{e['dropped']} dropped, {e['pad_batches']} whole batches added to even out {s['world_size']} rank(s)")
+    lines.append(f"  {s['batches_per_epoch']} batches of {s['batch_size']} = {s['batches_per_rank']} per rank "
+                 f"= {s['steps_per_epoch']} optimizer steps per epoch (accumulate_grad_batches "
+                 f"{s['accumulate_grad_batches']})")
+    formula = (f"{d['training_images']} images x {s['formula_repeats']:g} repeats x {s['epochs'] or 1} epochs / "
+               f"{s['batch_size']}" + (f" / {s['world_size']} ranks" if s["world_size"] > 1 else "")
+               + (f" / {s['accumulate_grad_batches']} accum" if s["accumulate_grad_batches"] > 1 else ""))
+    if s["epochs"]:
+        lines.append(f"Total for {s['epochs']} epochs: exact {s['total_steps']} steps; "
+                     f"formula {formula} = {s['formula_total_steps']:g}")
+    else:
+        lines.append(f"Steps per epoch: exact {s['steps_per_epoch']}; formula {formula} = "
+                     f"{s['formula_steps_per_epoch']:g} (epochs not given)")
+    if d["upscaled"]["count"]:
+        lines.append(f"Upscaled to fit their bucket: {d['upscaled']['count']} images, largest: "
+                     + ", ".join(f"{u['path']} ({u['size']} -> {u['bucket']}, x{u['scale']})"
+                                 for u in d["upscaled"]["examples"][:EXAMPLES]))
+    c = d["captions"]
+    lines.append("Captions from: " + ", ".join(f"{k} {n}" for k, n in sorted(c["sources"].items()))
+                 + (f"; empty: {c['empty']}" if c["empty"] else ""))
+    if c["cut_at_underscore"]["count"]:
+        lines.append(f"  {c['cut_at_underscore']['count']} file-name captions were cut at an underscore "
+                     "(set caption_from_filename: strip_suffix_only to keep the whole name), e.g. "
+                     + ", ".join(f"{x['path']} -> {x['caption']!r}" for x in c["cut_at_underscore"]["examples"][:3]))
+    if c["long"] is not None and c["long"]["count"]:
+        lines.append(f"  {c['long']['count']} captions exceed {c['long']['limit']} tokens and will be cut by the "
+                     "text encoder, e.g. " + ", ".join(f"{x['path']} ({x['tokens']} tokens)"
+                                                       for x in c["long"]["examples"][:EXAMPLES]))
+    lines.append("  sample captions:")
+    lines += [f"    {x['path']}: {x['caption']!r}" for x in c["samples"]]
+    lines += [f"Warning: {w}" for w in d["warnings"]]
+    return "\n".join(lines)
