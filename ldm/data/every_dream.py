@@ -84,6 +84,7 @@ class BucketBatchSampler:
         if self._resume is not None and self._resume[0] == epoch:
             start = self._resume[1]
             self._resume = None
+        self.batches_done = start
         plan = self.planner.plan(epoch, self.world_size)
         for k in range(start, plan.steps):
             g = self.rank + k * self.world_size  # index in the global batch order

@@ -41,6 +41,27 @@ def test_scan_finds_every_usable_image_and_names_each_skip(image_zoo):
         "hatsune_miku, smiling"
 
 
+def test_folder_weights_nest_and_multiply(tmp_path):
+    save_image(tmp_path / "2_a" / "3_b" / "x.png", (96, 96))
+    save_image(tmp_path / "2_a" / "y.png", (96, 96))
+    save_image(tmp_path / "m" / "deeper" / "z.png", (96, 96))
+    save_image(tmp_path / "0_plain" / "w.png", (96, 96))
+    (tmp_path / "m" / "multiply.txt").write_text("0.5")
+    (tmp_path / "m" / "deeper" / "MULTIPLY.TXT").write_text("3")
+    weights = {r.path: (r.folder_repeats, r.multiply) for r in scan_folder(tmp_path).images}
+    assert weights == {"2_a/3_b/x.png": (6, 1.0), "2_a/y.png": (2, 1.0), "m/deeper/z.png": (1, 1.5),
+                       "0_plain/w.png": (1, 1.0)}
+    scan = scan_folder(tmp_path)
+    assert scan.multipliers == {"m": 0.5, "m/deeper": 3.0} and not scan.ignored
+
+
+def test_a_caption_file_that_is_not_utf8_is_a_named_skip(tmp_path):
+    save_image(tmp_path / "a.png", (96, 96))
+    (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    scan = scan_folder(tmp_path)
+    assert not scan.images and scan.skipped[0].reason == "caption file a.txt is not UTF-8 text"
+
+
 def test_symlink_loops_do_not_hang_the_walk(tmp_path):
     save_image(tmp_path / "d" / "sub" / "a cat.png", (96, 96))
     os.symlink(tmp_path / "d", tmp_path / "d" / "sub" / "loop")
