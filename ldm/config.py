@@ -77,8 +77,8 @@ def _check_override_key(cfg: DictConfig, key: str) -> None:
     parent, _, leaf = key.rpartition(".")
     if not parent:
         raise ConfigError(f"override {key}: unknown top-level section (expected one of {', '.join(SECTIONS)})")
-    if parent == "lightning.trainer":
-        return  # checked against the Trainer's signature
+    if parent in ("lightning.trainer", "lightning.modelcheckpoint.params"):
+        return  # checked against the Trainer's / ModelCheckpoint's signature
     owner = parent.rpartition(".")[0]
     if parent.endswith("params") and OmegaConf.select(cfg, f"{owner}.target" if owner else "target", default=None):
         return  # checked against the target's signature
@@ -107,6 +107,7 @@ def validate_config(cfg: DictConfig) -> None:
             validate_target_node(cfg[section], section, extra_keys={"base_learning_rate"} if section == "model" else set())
     lightning = cfg.get("lightning") or {}
     validate_trainer_args(lightning.get("trainer") or {}, "lightning.trainer")
+    validate_checkpoint_args(lightning.get("modelcheckpoint") or {}, "lightning.modelcheckpoint")
     for name, cb in (lightning.get("callbacks") or {}).items():
         validate_target_node(cb, f"lightning.callbacks.{name}")
 
@@ -144,6 +145,22 @@ def validate_trainer_args(trainer: Mapping[str, Any], path: str) -> None:
         if key not in sig.parameters or key == "self":
             raise ConfigError(f"{path}.{key}: not a pytorch_lightning.Trainer argument")
         _check_type(trainer[key], sig.parameters[key], hints, f"{path}.{key}")
+
+
+def validate_checkpoint_args(node: Mapping[str, Any], path: str) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for key in node:
+        if key != "params":
+            raise ConfigError(f"{path}.{key}: unknown key (expected params)")
+    params = node.get("params") or {}
+    sig, hints = inspect.signature(ModelCheckpoint.__init__), _hints(ModelCheckpoint.__init__)
+    for key in params:
+        if key == "dirpath":
+            raise ConfigError(f"{path}.params.dirpath: set by main.py (<run folder>/checkpoints); remove it")
+        if key not in sig.parameters or key == "self":
+            raise ConfigError(f"{path}.params.{key}: not a pytorch_lightning ModelCheckpoint argument")
+        _check_type(params[key], sig.parameters[key], hints, f"{path}.params.{key}")
 
 
 def _signature(cls: Any) -> inspect.Signature | None:

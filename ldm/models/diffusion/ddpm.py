@@ -13,6 +13,7 @@ buffers, and `model_ema.*` when EMA is on.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -83,6 +84,9 @@ class LatentDiffusion(pl.LightningModule):
         self.cond_stage_trainable = cond_stage_trainable
         self.monitor = monitor
         self.learning_rate = 1.0e-4  # set by the trainer from model.base_learning_rate
+        self._loss_smooth: torch.Tensor | None = None
+        self.noise_rng: torch.Generator | None = None  # made at fit start; None: the global RNG
+        self._noise_rng_state: torch.Tensor | None = None
         if optimizer is not None and "lr" in optimizer:
             raise ValueError("model.params.optimizer.lr: the learning rate is model.base_learning_rate")
         self.optimizer_config = OptimizerConfig.from_mapping(optimizer, key="model.params.optimizer")
@@ -122,7 +126,7 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,3,H,W] in [-1,1] -> z_0 [B,4,H/f,W/f], sampled from the posterior and scaled."""
-        return self.scale_factor * self.first_stage_model.encode(x).sample()
+        return self.scale_factor * self.first_stage_model.encode(x).sample(generator=self.noise_rng)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
@@ -156,18 +160,67 @@ class LatentDiffusion(pl.LightningModule):
     def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         z0 = batch["latent"] if "latent" in batch else self.encode_first_stage(batch["image"])
         context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
-        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device)
-        return self.p_losses(z0, context, t).mean()
+        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device, generator=self.noise_rng)
+        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=self.noise_rng)
+        return self.p_losses(z0, context, t, noise).mean()
+
+    # ---- the training noise stream -------------------------------------------------
+    # Timesteps, noise and posterior samples come from one generator on the model's device,
+    # seeded from the run's seed and rank and saved in every checkpoint, so a resumed run
+    # draws exactly what the uninterrupted one would have (the global RNG is also drawn
+    # from by DataLoaders and libraries, and Lightning does not save it).
+    def on_fit_start(self) -> None:
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(torch.initial_seed() + self.global_rank)
+        if self._noise_rng_state is not None:
+            self.noise_rng.set_state(self._noise_rng_state)
+            self._noise_rng_state = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.noise_rng is not None:
+            checkpoint["noise_rng_state"] = self.noise_rng.get_state()
+
+    def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        state = checkpoint.get("noise_rng_state")
+        if state is not None and self.noise_rng is not None:
+            self.noise_rng.set_state(state)
+        else:
+            self._noise_rng_state = state  # applied when fit starts
 
     # ---- Lightning hooks ---------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.shared_step(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["caption"]))
+        n = len(batch["caption"])
+        with torch.no_grad():  # an exponential moving average on the device: no host sync
+            smooth = self._loss_smooth
+            self._loss_smooth = loss.detach() if smooth is None else torch.lerp(smooth, loss.detach(), 0.02)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss_smooth", self._loss_smooth, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The step, then the EMA update: here rather than in on_train_batch_end (as CompVis
+        did), because checkpoint callbacks run before that hook and would save an EMA one
+        update behind the weights; with gradient accumulation, one update per optimizer step."""
+        super().optimizer_step(*args, **kwargs)
         if self.use_ema:
             self.model_ema(self.model)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Loss with noise, timestep and latent fixed per image (seeded by its path), so the
+        numbers of different epochs compare; with EMA on, `val/loss` uses the EMA weights
+        (what pruning exports) and `val/loss_no_ema` the raw ones."""
+        z0 = self.first_stage_model.encode(batch["image"]).mode() * self.scale_factor
+        context = self.get_learned_conditioning(batch["caption"])
+        gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
+        t = torch.cat([torch.randint(0, self.num_timesteps, (1,), generator=g) for g in gens]).to(self.device)
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
+        n = len(batch["caption"])
+        with self.ema_scope():
+            self.log("val/loss", self.p_losses(z0, context, t, noise).mean(), on_epoch=True, batch_size=n,
+                     prog_bar=True, sync_dist=True)
+        if self.use_ema:
+            self.log("val/loss_no_ema", self.p_losses(z0, context, t, noise).mean(), on_epoch=True,
+                     batch_size=n, sync_dist=True)
 
     @contextmanager
     def ema_scope(self) -> Iterator[None]:
