@@ -1,0 +1,178 @@
+"""Build the model, data and Lightning Trainer from a validated config, and train.
+
+The log folder (made by ldm.train) receives:
+    configs/<stamp>-project.yaml   the merged config, as run
+    checkpoints/                   epoch=EE-step=SSSSS.ckpt, last.ckpt, interrupted-*.ckpt
+    images/train/                  sample grids
+    events.out.tfevents.*          TensorBoard scalars and images
+    dataset_plan.json              what the data plan counted
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ldm.callbacks.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
+from ldm.callbacks.progress import RunProgressBar
+from ldm.callbacks.throughput import Throughput
+from ldm.config import to_plain
+from ldm.util import ConfigError, instantiate_from_config
+
+CHECKPOINT_DEFAULTS = {"filename": "{epoch:02d}-{step:05d}", "save_last": True, "save_top_k": -1,
+                       "every_n_epochs": 1, "enable_version_counter": False}  # a resumed run keeps last.ckpt
+
+
+def trainer_kwargs(cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
+    kw = dict(to_plain(OmegaConf.select(cfg, "lightning.trainer", default=None) or {}))
+    if args.devices is not None:
+        kw["devices"] = _parse_devices(args.devices)
+    if args.precision is not None:
+        kw["precision"] = args.precision
+    if "accelerator" not in kw:
+        kw["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    kw.setdefault("devices", 1)
+    if kw["accelerator"] == "cpu" and str(kw.get("precision", "32")).startswith("16"):
+        raise ConfigError("lightning.trainer.precision: fp16 mixed precision needs a GPU; use bf16-mixed or 32 on CPU")
+    return kw
+
+
+def _parse_devices(value: str) -> Any:
+    value = value.strip().rstrip(",")
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def learning_rate(cfg: DictConfig, args: argparse.Namespace, world_size: int) -> float:
+    base_lr = float(cfg.model.get("base_learning_rate", 1.0e-4))
+    if not args.scale_lr:
+        print(f"Learning rate {base_lr:.2e} (base_learning_rate; --scale_lr is off)")
+        return base_lr
+    batch = int(OmegaConf.select(cfg, "data.params.batch_size", default=1))
+    accum = int(OmegaConf.select(cfg, "lightning.trainer.accumulate_grad_batches", default=1) or 1)
+    lr = accum * world_size * batch * base_lr
+    print(f"Learning rate {lr:.2e} = {accum} (accumulate_grad_batches) x {world_size} (devices) x "
+          f"{batch} (batch_size) x {base_lr:.2e} (base_learning_rate)")
+    return lr
+
+
+def _world_size(devices: Any) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if devices in (-1, "auto", "-1"):
+        return max(torch.cuda.device_count(), 1)
+    return 1
+
+
+def build_callbacks(cfg: DictConfig, logdir: Path) -> list[pl.Callback]:
+    lightning = cfg.get("lightning") or {}
+    ckpt_params = dict(CHECKPOINT_DEFAULTS)
+    ckpt_params.update(to_plain(OmegaConf.select(cfg, "lightning.modelcheckpoint.params", default=None) or {}))
+    if ckpt_params.get("monitor") and OmegaConf.select(cfg, "data.params.validation", default=None) is None:
+        raise ConfigError("lightning.modelcheckpoint.params.monitor: choosing checkpoints by a validation "
+                          "metric needs a data.params.validation dataset")
+    callbacks: list[pl.Callback] = [
+        RunCheckpoint(dirpath=str(logdir / "checkpoints"), **ckpt_params),
+        InterruptCheckpoint(logdir / "checkpoints"),
+        Throughput(),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    for name, node in (lightning.get("callbacks") or {}).items():
+        extra = {"logdir": str(logdir)} if _accepts(node, "logdir") else {}
+        callbacks.append(instantiate_from_config(node, path=f"lightning.callbacks.{name}", **extra))
+    return callbacks
+
+
+def _accepts(node: Any, key: str) -> bool:
+    import inspect
+
+    from ldm.util import get_obj_from_str
+
+    cls = get_obj_from_str(node["target"])
+    return key in inspect.signature(cls).parameters
+
+
+# The VAE and a frozen text encoder stay in eval mode on purpose (ldm.models.diffusion.ddpm).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Callable[[], Path],
+                 resume_ckpt: Path | None) -> int:
+    """Train; `logdir` is the folder of a resumed run, or a callable that makes a new one (called
+    only once the data has been scanned and the model built, so a bad input leaves no folder)."""
+    from ldm import checkpoint as ckpt_io
+
+    pl.seed_everything(args.seed, workers=True)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    kw = trainer_kwargs(cfg, args)
+    world_size = _world_size(kw["devices"])
+
+    data = instantiate_from_config(cfg.data, path="data") if "data" in cfg else None
+    plan = None
+    if data is not None and hasattr(data, "plan_report"):  # scans the images before a model is built
+        accumulate = int(kw.get("accumulate_grad_batches") or 1)
+        text, plan = data.plan_report(world_size, kw.get("max_epochs"), accumulate)
+        print(text if getattr(data.datasets()["train"], "debug_level", 0) >= 1 else _plan_summary(plan))
+        _print_total_steps(plan, kw)
+
+    model = _build_model(cfg)
+    model.learning_rate = learning_rate(cfg, args, world_size)
+    if args.actual_resume and resume_ckpt is None:
+        path = Path(args.actual_resume.replace("\\", "/"))
+        report = ckpt_io.load_into_model(model, ckpt_io.load_state_dict(path), source=str(path))
+        print(report.summary())
+        if report.ema_from_weights:
+            model.reset_ema()
+
+    if callable(logdir):
+        logdir = logdir()
+    if plan is not None:
+        (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+    OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
+    logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
+    trainer = pl.Trainer(**kw, callbacks=build_callbacks(cfg, logdir) + [RunProgressBar()], logger=logger,
+                         default_root_dir=str(logdir), plugins=[AtomicCheckpointIO()],
+                         use_distributed_sampler=False)
+    if not args.train:
+        print(f"Built the run in {logdir}; pass -t to train.")
+        return 0
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    print(f"Done. Run folder: {logdir}\n  checkpoints: {logdir / 'checkpoints'}\n"
+          f"  samples:     {logdir / 'images' / 'train'}\n  TensorBoard: tensorboard --logdir {logdir}")
+    return 0
+
+
+def _build_model(cfg: DictConfig) -> pl.LightningModule:
+    node = {"target": cfg.model.target, "params": cfg.model.get("params") or {}}
+    return instantiate_from_config(node, path="model")
+
+
+def _plan_summary(plan: dict) -> str:
+    steps = plan["steps"]
+    return (f"Data: {plan['training_images']} training images ({plan['held_out_images']} held out, "
+            f"{len(plan['skipped'])} skipped), {len(plan['buckets'])} buckets, {plan['epoch']['samples']} samples "
+            f"and {steps['batches_per_rank']} batches of {steps['batch_size']} per epoch per device "
+            f"(set data.params.train.params.debug_level=1 for the full plan; it is in dataset_plan.json)")
+
+
+def _print_total_steps(plan: dict, kw: dict[str, Any]) -> None:
+    per_epoch = plan["steps"]["steps_per_epoch"]
+    max_steps, max_epochs = kw.get("max_steps", -1), kw.get("max_epochs")
+    if max_steps not in (None, -1):
+        print(f"Training for {max_steps} optimizer steps (lightning.trainer.max_steps; {per_epoch} per epoch)")
+    elif max_epochs not in (None, -1):
+        print(f"Training for {per_epoch * max_epochs} optimizer steps = {max_epochs} epochs x {per_epoch} steps")
+    else:
+        print(f"Training with no step or epoch limit ({per_epoch} steps per epoch): stop it with Ctrl-C")

@@ -1,0 +1,164 @@
+"""The `main.py` command line: parse, configure, build, train.
+
+    python main.py --base cfg.yaml [more.yaml ...] -t --actual_resume sd.ckpt -n Name \
+                   --data_root path/to/images [key.path=value ...]
+
+Everything a test needs is reachable through `main(argv)`; main.py only calls it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import ConfigError
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Fine-tune a Stable Diffusion 1.x/2.x checkpoint on a folder of captioned images.",
+        epilog="Trailing key.path=value tokens override any config key, e.g. "
+               "lightning.trainer.max_epochs=6 data.params.batch_size=4. See doc/CONFIG.md.",
+    )
+    p.add_argument("-b", "--base", nargs="+", default=[], metavar="YAML",
+                   help="config files, merged left to right")
+    p.add_argument("-t", "--train", action="store_true", help="train (without it, only build and check the run)")
+    p.add_argument("--actual_resume", metavar="CKPT",
+                   help="initial weights: an SD .ckpt/.safetensors file (weights only; no optimizer or step)")
+    p.add_argument("-n", "--name", default="", help="run name, the suffix of the log folder")
+    p.add_argument("--data_root", metavar="DIR", help="folder of training images (searched recursively)")
+    p.add_argument("-r", "--resume", metavar="LOGDIR_OR_CKPT",
+                   help="continue training a run (implies -t): its log folder (uses checkpoints/last.ckpt) or a "
+                        "checkpoint in it; restores weights, EMA, optimizer, LR schedule, epoch, step, data "
+                        "position and the noise RNG, in the same folder")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for every RNG (default 23)")
+    p.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders (default logs)")
+    p.add_argument("--devices", "--gpus", dest="devices", default=None,
+                   help="GPUs to use: a count (2) or a list (0,1); default: the config's, else 1 GPU if present")
+    p.add_argument("--precision", default=None,
+                   help="bf16-mixed, 16-mixed or 32 (default: the config's lightning.trainer.precision)")
+    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
+                   help="multiply base_learning_rate by batch size x accumulation x devices")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the data plan (images, buckets, steps) and stop; needs no checkpoint or GPU")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(argv))
+    bad = [t for t in rest if t.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.name and args.resume:
+        parser.error("-n/--name cannot be combined with -r/--resume (the run keeps its folder)")
+    if args.resume:
+        args.train = True  # continuing a run means training it
+    return args, rest
+
+
+def _norm_path(p: str | None) -> Path | None:
+    return None if p is None else Path(p.replace("\\", "/")).expanduser()
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """-r LOGDIR or -r LOGDIR/checkpoints/X.ckpt -> (logdir, checkpoint)."""
+    path = _norm_path(resume)
+    if path.is_file():
+        logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return logdir, path
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise ConfigError(f"--resume {resume}: no checkpoints/last.ckpt in that folder")
+        return path, ckpt
+    raise ConfigError(f"--resume {resume}: no such file or folder")
+
+
+def make_logdir(root: Path, name: str, base: Sequence[str]) -> Path:
+    """logs/<YYYY-MM-DDTHH-MM-SS>_<name>/ with configs/, checkpoints/, images/train/."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    name = name or (Path(base[0]).stem if base else "run")
+    logdir = root / f"{stamp}_{name}"
+    n = 1
+    while logdir.exists():  # two runs started within the same second
+        n += 1
+        logdir = root / f"{stamp}_{name}-{n}"
+    for sub in ("configs", "checkpoints", "images/train"):
+        (logdir / sub).mkdir(parents=True, exist_ok=True)
+    return logdir
+
+
+def make_logdir_later(root: Path, name: str, base: Sequence[str]):
+    """A callable that makes the run folder when called (after every check has passed)."""
+    return lambda: make_logdir(root, name, base)
+
+
+def inject_data_root(cfg: DictConfig, data_root: Path | None) -> None:
+    """--data_root goes into every dataset node that takes one."""
+    if data_root is None or "data" not in cfg:
+        return
+    for split in ("train", "validation"):
+        node = OmegaConf.select(cfg, f"data.params.{split}")
+        if node is not None:
+            if node.get("params") is None:
+                node.params = {}
+            if node.params.get("data_root") is None or split == "train":
+                node.params.data_root = str(data_root)
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """A training dataset needs a folder: say so before anything is scanned or built."""
+    node = OmegaConf.select(cfg, "data.params.train")
+    if node is None:
+        return
+    root = (node.get("params") or {}).get("data_root")
+    if root is None:
+        raise ConfigError("no training images: pass --data_root DIR (or set data.params.train.params.data_root)")
+    if not Path(root).is_dir():
+        raise ConfigError(f"--data_root {root}: no such folder")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from ldm.config import load_config
+
+    try:
+        resume_ckpt, logdir = None, None
+        base = list(args.base)
+        if args.resume:
+            logdir, resume_ckpt = resolve_resume(args.resume)
+            saved = sorted((logdir / "configs").glob("*-project.yaml"))
+            if not saved:
+                raise ConfigError(f"--resume: {logdir}/configs has no *-project.yaml")
+            base = [str(saved[-1])] + base
+        cfg = load_config(base, overrides)
+        inject_data_root(cfg, _norm_path(args.data_root))
+        check_data_root(cfg)
+        if args.dry_run:
+            return dry_run(cfg)
+        from ldm.run import run_training  # heavy imports only when training
+
+        if not args.resume:  # a new run folder, made once the data and model are known to be good
+            logdir = make_logdir_later(_norm_path(args.logdir), args.name, base)
+        return run_training(cfg, args, logdir=logdir, resume_ckpt=resume_ckpt)
+    except ValueError as e:  # ConfigError, DatasetError, a constructor's check: each names its key or file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def dry_run(cfg: DictConfig) -> int:
+    from ldm.data.datamodule import plan_report
+
+    text, plan = plan_report(cfg)
+    print(text)
+    return 0
