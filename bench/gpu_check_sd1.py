@@ -39,7 +39,7 @@ def main() -> int:
                 p.normal_(0, 0.02)
     model.train()
     model.learning_rate = 1e-5
-    opt = model.configure_optimizers()
+    opt = model.configure_optimizers()["optimizer"]
     n_params = sum(p.numel() for p in model.model.parameters())
     print(f"UNet parameters: {n_params:,}; device {torch.cuda.get_device_name()}")
     batch = {"image": torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1,

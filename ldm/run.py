@@ -86,12 +86,13 @@ def build_callbacks(cfg: DictConfig, logdir: Path) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         RunCheckpoint(dirpath=str(logdir / "checkpoints"), **ckpt_params),
         InterruptCheckpoint(logdir / "checkpoints"),
-        Throughput(),
         LearningRateMonitor(logging_interval="step"),
     ]
     for name, node in (lightning.get("callbacks") or {}).items():
         extra = {"logdir": str(logdir)} if _accepts(node, "logdir") else {}
         callbacks.append(instantiate_from_config(node, path=f"lightning.callbacks.{name}", **extra))
+    if not any(isinstance(cb, Throughput) for cb in callbacks):
+        callbacks.append(Throughput())  # always on; a config may set its every_n_steps
     return callbacks
 
 

@@ -39,8 +39,9 @@ class Throughput(pl.Callback):
             return
         now = time.perf_counter()
         metrics = {"perf/images_per_sec": self._images / max(now - self._t0, 1e-9)}
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":  # the window's peak
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._images, self._t0 = 0, now

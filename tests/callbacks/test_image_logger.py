@@ -10,7 +10,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.precision import Precision
 
-from ldm.callbacks.image_logger import (ImageLogger, SamplePrompt, fit_size, latent_factor, make_grid,
+from ldm.callbacks.image_logger import (ImageLogger, SamplePrompt, fit_size, latent_factor, make_grid, sampling_mode,
                                         parse_prompt_line, read_prompts_file)
 from ldm.util import instantiate_from_config
 
@@ -241,3 +241,15 @@ def test_with_a_real_trainer(tiny_model, tmp_path):
     events.Reload()
     assert {"samples/batch", "samples/prompts"} <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("samples/batch")] == [1, 2]
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_sampling_turns_cudnn_benchmark_off_and_restores_it(tiny_model, benchmark):
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark
+    try:
+        with sampling_mode(tiny_model):
+            assert torch.backends.cudnn.benchmark is False and not torch.is_grad_enabled()
+        assert torch.backends.cudnn.benchmark is benchmark
+    finally:
+        torch.backends.cudnn.benchmark = old
