@@ -198,3 +198,24 @@ def test_sigint_saves_a_loadable_interrupted_checkpoint(shapes, tmp_path):
     ckpt = ckpt_io.load_checkpoint_file(saved[0])
     assert ckpt["global_step"] >= 5 and "optimizer_states" in ckpt
     assert any(k.startswith("model.diffusion_model.") for k in ckpt["state_dict"])
+
+
+def test_original_config_targets_resolve_to_ours():
+    from ldm.callbacks.image_logger import ImageLogger
+    from ldm.data.datamodule import DataModuleFromConfig
+    from ldm.util import get_obj_from_str
+
+    assert get_obj_from_str("main.DataModuleFromConfig") is DataModuleFromConfig
+    assert get_obj_from_str("main.ImageLogger") is ImageLogger
+    with pytest.raises(ConfigError, match="has no 'CUDACallback'"):
+        get_obj_from_str("main.CUDACallback")
+
+
+def test_demo_config_plans_the_demo_data(tmp_path, capsys):
+    from scripts.make_shapes import make_meebs
+
+    make_meebs(tmp_path / "meebs", count=20, size=64, seed=0)
+    assert run_main("--base", ROOT / "configs/tiny/finetune-demo.yaml", "--data_root", tmp_path / "meebs",
+                    "--dry_run") == 0
+    out = capsys.readouterr().out
+    assert "images found: 20, skipped: 0" in out
