@@ -177,7 +177,8 @@ def test_data_root_problems_stop_before_the_model(tmp_path, capsys, setup, messa
 
 
 @pytest.mark.slow
-def test_sigint_saves_a_loadable_interrupted_checkpoint(shapes, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_a_loadable_interrupted_checkpoint(shapes, tmp_path, sig):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), *BASE, "-t", "--data_root", str(shapes), "-l", str(tmp_path),
          "lightning.trainer.max_epochs=1000", "lightning.callbacks.image_logger.params.disabled=true"],
@@ -188,7 +189,7 @@ def test_sigint_saves_a_loadable_interrupted_checkpoint(shapes, tmp_path):
         while not list(tmp_path.glob("*/checkpoints/epoch=00-*.ckpt")):  # the first epoch ran
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -100,7 +100,7 @@ class InterruptCheckpoint(pl.Callback):
         kind = "interrupted" if interrupted else "errored"
         path = self.dirpath / f"{kind}-epoch={trainer.current_epoch:02d}-step={trainer.global_step:05d}.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         except Exception as e:  # saving what we can must not hide the original error
             rank_zero_warn(f"could not save {path} after {type(exception).__name__}: {e}")
             return
