@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test tiny-base venv clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# Retrain models/tiny/tiny-shapes.safetensors from scratch (a GPU: about 8 minutes; doc/TINY_BASE.md).
+tiny-base: $(STAMP)
+	$(PY) scripts/train_tiny_base.py --out logs/tiny-base
+	@echo "to ship it: cp logs/tiny-base/tiny-shapes.safetensors models/tiny/ and set the printed scale_factor in configs/tiny/*.yaml"
 
 clean-venv:
 	rm -rf $(VENV)

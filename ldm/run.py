@@ -171,6 +171,8 @@ def _plan_summary(plan: dict) -> str:
 def _print_total_steps(plan: dict, kw: dict[str, Any]) -> None:
     per_epoch = plan["steps"]["steps_per_epoch"]
     max_steps, max_epochs = kw.get("max_steps", -1), kw.get("max_epochs")
+    if kw.get("max_time"):
+        print(f"Training stops after lightning.trainer.max_time={kw['max_time']} at the latest")
     if max_steps not in (None, -1):
         print(f"Training for {max_steps} optimizer steps (lightning.trainer.max_steps; {per_epoch} per epoch)")
     elif max_epochs not in (None, -1):

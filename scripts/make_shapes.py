@@ -108,6 +108,17 @@ def make_meebs(out: Path, count: int, size: int = 64, seed: int = 0) -> list[Pat
     return paths
 
 
+def dominant_colour(img: Image.Image, background: str, min_pixels: int = 20) -> str | None:
+    """The palette colour nearest the median of the pixels that differ from `background`
+    (None when fewer than `min_pixels` do): what a prompt's colour word should give."""
+    pixels = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(np.int32)
+    fg = pixels[np.abs(pixels - np.array(BACKGROUNDS[background])).sum(axis=1) > 90]
+    if len(fg) < min_pixels:
+        return None
+    median = np.median(fg, axis=0)
+    return min(COLOURS, key=lambda name: np.abs(np.array(COLOURS[name]) - median).sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)

@@ -211,12 +211,3 @@ def test_original_config_targets_resolve_to_ours():
     with pytest.raises(ConfigError, match="has no 'CUDACallback'"):
         get_obj_from_str("main.CUDACallback")
 
-
-def test_demo_config_plans_the_demo_data(tmp_path, capsys):
-    from scripts.make_shapes import make_meebs
-
-    make_meebs(tmp_path / "meebs", count=20, size=64, seed=0)
-    assert run_main("--base", ROOT / "configs/tiny/finetune-demo.yaml", "--data_root", tmp_path / "meebs",
-                    "--dry_run") == 0
-    out = capsys.readouterr().out
-    assert "images found: 20, skipped: 0" in out

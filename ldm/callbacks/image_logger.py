@@ -38,7 +38,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.txt2img import latent_factor, txt2img
 
 GRID_COLUMNS = 4
 
@@ -150,11 +150,6 @@ def read_prompts_file(path: str | Path, multiple: int = 64, max_steps: int = 999
 
 
 # ---- sizes and grids ---------------------------------------------------------------------
-def latent_factor(pl_module: pl.LightningModule) -> int:
-    """Pixels per latent pixel: 2 ** (number of the VAE encoder's levels - 1), 8 for SD."""
-    return 2 ** (len(pl_module.first_stage_model.encoder.down) - 1)
-
-
 def fit_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
     """(height, width) scaled down to at most resolution^2 pixels, aspect kept, rounded down to `multiple`."""
     scale = min(1.0, resolution / math.sqrt(height * width))
@@ -306,22 +301,10 @@ class ImageLogger(pl.Callback):
 
     def _generate_batch(self, pl_module: pl.LightningModule, group: Sequence[SamplePrompt],
                         trainer: pl.Trainer) -> list[Image.Image]:
-        factor, first = latent_factor(pl_module), group[0]
-        shape = (len(group), pl_module.channels, first.height // factor, first.width // factor)
-        # one CPU generator per prompt: an image does not depend on what it is batched with
-        x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(p.seed)) for p in group])
-        with trainer.precision_plugin.forward_context():
-            cond = pl_module.get_learned_conditioning([p.prompt for p in group])  # [B,77,D]
-            uncond = pl_module.get_learned_conditioning([first.negative_prompt])  # [1,77,D]
-            z = DDIMSampler(pl_module).sample(cond, uncond, shape, steps=first.steps,
-                                              guidance_scale=first.guidance_scale, x_T=x_T)
-        vae_dtype = next(pl_module.first_stage_model.parameters()).dtype
-        images = []
-        for z_i in z:  # one at a time, in the VAE's own precision: the decoder is the memory peak
-            x = pl_module.decode_first_stage(z_i[None].to(vae_dtype))[0].float()  # [3,H,W] in ~[-1,1]
-            pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            images.append(Image.fromarray(pixels))
-        return images
+        first = group[0]
+        return txt2img(pl_module, [p.prompt for p in group], [p.seed for p in group], height=first.height,
+                       width=first.width, steps=first.steps, guidance_scale=first.guidance_scale,
+                       negative_prompt=first.negative_prompt, autocast=trainer.precision_plugin.forward_context())
 
     def _save(self, trainer: pl.Trainer, kind: str, grid: Image.Image, prompts: Sequence[SamplePrompt]) -> None:
         folder = (self.logdir or Path(trainer.default_root_dir)) / "images" / "train"

@@ -50,6 +50,7 @@ class AutoencoderKL(nn.Module):
         lossconfig: Mapping[str, Any] | None = None,
         monitor: str | None = None,
         image_key: str = "image",
+        ckpt_path: str | None = None,
     ):
         super().__init__()
         encoder_kwargs, decoder_kwargs = split_ddconfig(ddconfig)
@@ -67,6 +68,27 @@ class AutoencoderKL(nn.Module):
         self.embed_dim = embed_dim
         self.image_key = image_key
         self.monitor = monitor
+        if ckpt_path is not None:
+            self.load_weights(ckpt_path)
+
+    def load_weights(self, path: str) -> None:
+        """Weights from a file holding this VAE: its own keys, or the `first_stage_model.*`
+        keys of a full SD checkpoint or of an autoencoder training run (CompVis `ckpt_path`)."""
+        from ldm.checkpoint import CheckpointError, load_state_dict
+
+        state = load_state_dict(path)
+        prefix = "first_stage_model."
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        wrong = [f"{k}: file {list(state[k].shape)} vs model {list(v.shape)}"
+                 for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or wrong:
+            raise CheckpointError(f"first_stage_config.params.ckpt_path {path}: not this autoencoder's weights ("
+                                  + "; ".join(([f"missing {len(missing)} key(s), e.g. {missing[0]}"] if missing else [])
+                                              + wrong[:3]) + ")")
+        self.load_state_dict({k: state[k] for k in own})
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x [B, 3, H, W] in [-1, 1] -> posterior over z [B, embed_dim, H/f, W/f]."""

@@ -205,22 +205,26 @@ class LatentDiffusion(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Loss with noise, timestep and latent fixed per image (seeded by its path), so the
-        numbers of different epochs compare; with EMA on, `val/loss` uses the EMA weights
-        (what pruning exports) and `val/loss_no_ema` the raw ones."""
-        z0 = self.first_stage_model.encode(batch["image"]).mode() * self.scale_factor
+    def fixed_noise_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-image loss [B] with the latent (posterior mean), timestep and noise fixed per
+        image (seeded by its path): the same number for the same weights, every time."""
+        z0 = self.first_stage_model.encode(batch["image"].to(self.device)).mode() * self.scale_factor
         context = self.get_learned_conditioning(batch["caption"])
         gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
         t = torch.cat([torch.randint(0, self.num_timesteps, (1,), generator=g) for g in gens]).to(self.device)
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
+        return self.p_losses(z0, context, t, noise)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """`val/loss` (fixed_noise_loss, so epochs compare) with the EMA weights when EMA is on
+        (what pruning exports), and `val/loss_no_ema` with the raw ones."""
         n = len(batch["caption"])
         with self.ema_scope():
-            self.log("val/loss", self.p_losses(z0, context, t, noise).mean(), on_epoch=True, batch_size=n,
+            self.log("val/loss", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
                      prog_bar=True, sync_dist=True)
         if self.use_ema:
-            self.log("val/loss_no_ema", self.p_losses(z0, context, t, noise).mean(), on_epoch=True,
-                     batch_size=n, sync_dist=True)
+            self.log("val/loss_no_ema", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
+                     sync_dist=True)
 
     @contextmanager
     def ema_scope(self) -> Iterator[None]:
