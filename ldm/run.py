@@ -142,6 +142,8 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
     if plan is not None:
         (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
     OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
+    flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr}
+    (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(**kw, callbacks=build_callbacks(cfg, logdir) + [RunProgressBar()], logger=logger,
                          default_root_dir=str(logdir), plugins=[AtomicCheckpointIO()],

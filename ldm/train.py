@@ -40,16 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue training a run (implies -t): its log folder (uses checkpoints/last.ckpt) or a "
                         "checkpoint in it; restores weights, EMA, optimizer, LR schedule, epoch, step, data "
                         "position and the noise RNG, in the same folder")
-    p.add_argument("-s", "--seed", type=int, default=23, help="seed for every RNG (default 23)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="seed for every RNG (default 23)")
     p.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders (default logs)")
     p.add_argument("--devices", "--gpus", dest="devices", default=None,
                    help="GPUs to use: a count (2) or a list (0,1); default: the config's, else 1 GPU if present")
     p.add_argument("--precision", default=None,
                    help="bf16-mixed, 16-mixed or 32 (default: the config's lightning.trainer.precision)")
-    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=None,
                    help="multiply base_learning_rate by batch size x accumulation x devices")
     p.add_argument("--dry_run", action="store_true",
-                   help="print the data plan (images, buckets, steps) and stop; needs no checkpoint or GPU")
+                   help="print the data plan (images, buckets, steps for --devices) and stop; needs no "
+                        "checkpoint or GPU")
     return p
 
 
@@ -116,6 +117,26 @@ def inject_data_root(cfg: DictConfig, data_root: Path | None) -> None:
                 node.params.data_root = str(data_root)
 
 
+CLI_FLAGS = {"seed": 23, "devices": None, "precision": None, "scale_lr": False}  # saved with a run
+
+
+def apply_saved_flags(args: argparse.Namespace, logdir: Path) -> None:
+    """A resumed run keeps the flags it was started with (configs/*-cli.json) unless given again."""
+    saved = sorted((logdir / "configs").glob("*-cli.json"))
+    flags = json.loads(saved[-1].read_text()) if saved else {}
+    taken = {k: flags[k] for k in CLI_FLAGS if getattr(args, k) is None and flags.get(k) is not None}
+    for key, value in taken.items():
+        setattr(args, key, value)
+    if taken:
+        print("Resuming with the run's own " + ", ".join(f"--{k} {v}" for k, v in taken.items()))
+
+
+def fill_flag_defaults(args: argparse.Namespace) -> None:
+    for key, default in CLI_FLAGS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+
+
 def check_data_root(cfg: DictConfig) -> None:
     """A training dataset needs a folder: say so before anything is scanned or built."""
     node = OmegaConf.select(cfg, "data.params.train")
@@ -141,11 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not saved:
                 raise ConfigError(f"--resume: {logdir}/configs has no *-project.yaml")
             base = [str(saved[-1])] + base
+            apply_saved_flags(args, logdir)
         cfg = load_config(base, overrides)
         inject_data_root(cfg, _norm_path(args.data_root))
         check_data_root(cfg)
+        fill_flag_defaults(args)
         if args.dry_run:
-            return dry_run(cfg)
+            return dry_run(cfg, args)
         from ldm.run import run_training  # heavy imports only when training
 
         if not args.resume:  # a new run folder, made once the data and model are known to be good
@@ -156,9 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def dry_run(cfg: DictConfig) -> int:
+def dry_run(cfg: DictConfig, args: argparse.Namespace) -> int:
     from ldm.data.datamodule import plan_report
+    from ldm.run import _parse_devices, _world_size
 
-    text, plan = plan_report(cfg)
+    devices = args.devices if args.devices is not None else OmegaConf.select(cfg, "lightning.trainer.devices")
+    text, plan = plan_report(cfg, _world_size(_parse_devices(str(devices))) if devices is not None else 1)
     print(text)
     return 0

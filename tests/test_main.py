@@ -211,3 +211,26 @@ def test_original_config_targets_resolve_to_ours():
     with pytest.raises(ConfigError, match="has no 'CUDACallback'"):
         get_obj_from_str("main.CUDACallback")
 
+
+
+def test_resume_keeps_the_flags_the_run_started_with(tmp_path, capsys):
+    from ldm.train import apply_saved_flags, parse_args
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "2026-01-01T00-00-00-cli.json").write_text(json.dumps(
+        {"seed": 5, "devices": "2", "precision": "bf16-mixed", "scale_lr": True}))
+    args, _ = parse_args(["-r", str(tmp_path), "--precision", "32"])
+    apply_saved_flags(args, tmp_path)
+    assert (args.seed, args.devices, args.precision, args.scale_lr) == (5, "2", "32", True)
+    assert "--seed 5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_saves_its_flags(finished_run):
+    saved = json.loads(next((finished_run / "configs").glob("*-cli.json")).read_text())
+    assert saved == {"seed": 23, "devices": None, "precision": None, "scale_lr": False}
+
+
+def test_dry_run_plans_for_the_devices_asked(shapes, capsys):
+    assert run_main(*BASE, "--data_root", shapes, "--dry_run", "--devices", "2") == 0
+    assert "= 3 per rank" in capsys.readouterr().out  # 5 batches over 2 ranks, evened out to 6
