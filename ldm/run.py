@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -56,13 +57,13 @@ def _parse_devices(value: str) -> Any:
 def learning_rate(cfg: DictConfig, args: argparse.Namespace, world_size: int) -> float:
     base_lr = float(cfg.model.get("base_learning_rate", 1.0e-4))
     if not args.scale_lr:
-        print(f"Learning rate {base_lr:.2e} (base_learning_rate; --scale_lr is off)")
+        say(f"Learning rate {base_lr:.2e} (base_learning_rate; --scale_lr is off)")
         return base_lr
     batch = int(OmegaConf.select(cfg, "data.params.batch_size", default=1))
     accum = int(OmegaConf.select(cfg, "lightning.trainer.accumulate_grad_batches", default=1) or 1)
     lr = accum * world_size * batch * base_lr
-    print(f"Learning rate {lr:.2e} = {accum} (accumulate_grad_batches) x {world_size} (devices) x "
-          f"{batch} (batch_size) x {base_lr:.2e} (base_learning_rate)")
+    say(f"Learning rate {lr:.2e} = {accum} (accumulate_grad_batches) x {world_size} (devices) x "
+        f"{batch} (batch_size) x {base_lr:.2e} (base_learning_rate)")
     return lr
 
 
@@ -125,7 +126,7 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
     if data is not None and hasattr(data, "plan_report"):  # scans the images before a model is built
         accumulate = int(kw.get("accumulate_grad_batches") or 1)
         text, plan = data.plan_report(world_size, kw.get("max_epochs"), accumulate)
-        print(text if getattr(data.datasets()["train"], "debug_level", 0) >= 1 else _plan_summary(plan))
+        say(text if getattr(data.datasets()["train"], "debug_level", 0) >= 1 else _plan_summary(plan))
         _print_total_steps(plan, kw)
 
     model = _build_model(cfg)
@@ -133,28 +134,40 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
     if args.actual_resume and resume_ckpt is None:
         path = Path(args.actual_resume.replace("\\", "/"))
         report = ckpt_io.load_into_model(model, ckpt_io.load_state_dict(path), source=str(path))
-        print(report.summary())
+        say(report.summary())
         if report.ema_from_weights:
             model.reset_ema()
 
     if callable(logdir):
         logdir = logdir()
-    if plan is not None:
-        (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
-    OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
-    flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr}
-    (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
+    if _rank() == 0:  # the processes of ranks > 0 share rank 0's folder (ldm.train.make_logdir_later)
+        if plan is not None:
+            (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+        OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
+        flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr}
+        (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(**kw, callbacks=build_callbacks(cfg, logdir) + [RunProgressBar()], logger=logger,
                          default_root_dir=str(logdir), plugins=[AtomicCheckpointIO()],
                          use_distributed_sampler=False)
     if not args.train:
-        print(f"Built the run in {logdir}; pass -t to train.")
+        say(f"Built the run in {logdir}; pass -t to train.")
         return 0
     trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    print(f"Done. Run folder: {logdir}\n  checkpoints: {logdir / 'checkpoints'}\n"
-          f"  samples:     {logdir / 'images' / 'train'}\n  TensorBoard: tensorboard --logdir {logdir}")
+    say(f"Done. Run folder: {logdir}\n  checkpoints: {logdir / 'checkpoints'}\n"
+        f"  samples:     {logdir / 'images' / 'train'}\n  TensorBoard: tensorboard --logdir {logdir}")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank as the launcher set it (Lightning sets RANK / LOCAL_RANK for ranks > 0)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def say(text: str) -> None:
+    """Print once per run, not once per GPU process."""
+    if _rank() == 0:
+        print(text)
 
 
 def _build_model(cfg: DictConfig) -> pl.LightningModule:
@@ -174,10 +187,10 @@ def _print_total_steps(plan: dict, kw: dict[str, Any]) -> None:
     per_epoch = plan["steps"]["steps_per_epoch"]
     max_steps, max_epochs = kw.get("max_steps", -1), kw.get("max_epochs")
     if kw.get("max_time"):
-        print(f"Training stops after lightning.trainer.max_time={kw['max_time']} at the latest")
+        say(f"Training stops after lightning.trainer.max_time={kw['max_time']} at the latest")
     if max_steps not in (None, -1):
-        print(f"Training for {max_steps} optimizer steps (lightning.trainer.max_steps; {per_epoch} per epoch)")
+        say(f"Training for {max_steps} optimizer steps (lightning.trainer.max_steps; {per_epoch} per epoch)")
     elif max_epochs not in (None, -1):
-        print(f"Training for {per_epoch * max_epochs} optimizer steps = {max_epochs} epochs x {per_epoch} steps")
+        say(f"Training for {per_epoch * max_epochs} optimizer steps = {max_epochs} epochs x {per_epoch} steps")
     else:
-        print(f"Training with no step or epoch limit ({per_epoch} steps per epoch): stop it with Ctrl-C")
+        say(f"Training with no step or epoch limit ({per_epoch} steps per epoch): stop it with Ctrl-C")

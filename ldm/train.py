@@ -99,9 +99,21 @@ def make_logdir(root: Path, name: str, base: Sequence[str]) -> Path:
     return logdir
 
 
+RUN_DIR_ENV = "LDM_RUN_DIR"  # the run folder, for the processes Lightning starts for ranks > 0
+
+
 def make_logdir_later(root: Path, name: str, base: Sequence[str]):
-    """A callable that makes the run folder when called (after every check has passed)."""
-    return lambda: make_logdir(root, name, base)
+    """A callable that makes the run folder when called (after every check has passed).
+
+    With several GPUs, Lightning runs this command again for ranks 1..N-1; those processes
+    inherit the environment of rank 0, which names its folder, and use that one."""
+    def make() -> Path:
+        if os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            return Path(os.environ[RUN_DIR_ENV])
+        logdir = make_logdir(root, name, base)
+        os.environ[RUN_DIR_ENV] = str(logdir)
+        return logdir
+    return make
 
 
 def inject_data_root(cfg: DictConfig, data_root: Path | None) -> None:

@@ -185,12 +185,12 @@ def test_a_stop_signal_saves_a_loadable_interrupted_checkpoint(shapes, tmp_path,
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 400  # generous: a loaded 2-core machine is slow
         while not list(tmp_path.glob("*/checkpoints/epoch=00-*.ckpt")):  # the first epoch ran
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     saved = list(tmp_path.glob("*/checkpoints/interrupted-epoch=*-step=*.ckpt"))
@@ -234,3 +234,19 @@ def test_a_run_saves_its_flags(finished_run):
 def test_dry_run_plans_for_the_devices_asked(shapes, capsys):
     assert run_main(*BASE, "--data_root", shapes, "--dry_run", "--devices", "2") == 0
     assert "= 3 per rank" in capsys.readouterr().out  # 5 batches over 2 ranks, evened out to 6
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_on_cpu_share_one_run_folder(shapes, tmp_path):
+    """Lightning starts `main.py` again for rank 1; it must train in rank 0's folder."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *BASE, "-t", "--data_root", str(shapes), "-l", str(tmp_path),
+         "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
+         "lightning.callbacks.image_logger.params.disabled=true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch=00-step=00003.ckpt", "epoch=01-step=00006.ckpt", "last.ckpt"]  # 5 batches -> 3 per rank
+    assert len(list((run / "configs").glob("*-project.yaml"))) == 1
+    assert proc.stdout.count("Done. Run folder") == 1
