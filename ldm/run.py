@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from ldm.callbacks.checkpointing import AtomicCheckpointIO, InterruptCheckpoint,
 from ldm.callbacks.progress import RunProgressBar
 from ldm.callbacks.throughput import Throughput
 from ldm.config import to_plain
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config, launcher_rank
 
 CHECKPOINT_DEFAULTS = {"filename": "{epoch:02d}-{step:05d}", "save_last": True, "save_top_k": -1,
                        "every_n_epochs": 1, "enable_version_counter": False}  # a resumed run keeps last.ckpt
@@ -140,7 +139,7 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
 
     if callable(logdir):
         logdir = logdir()
-    if _rank() == 0:  # the processes of ranks > 0 share rank 0's folder (ldm.train.make_logdir_later)
+    if launcher_rank() == 0:  # the processes of ranks > 0 share rank 0's folder (ldm.train.make_logdir_later)
         if plan is not None:
             (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
         OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
@@ -159,14 +158,9 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
     return 0
 
 
-def _rank() -> int:
-    """This process's rank as the launcher set it (Lightning sets RANK / LOCAL_RANK for ranks > 0)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
 def say(text: str) -> None:
     """Print once per run, not once per GPU process."""
-    if _rank() == 0:
+    if launcher_rank() == 0:
         print(text)
 
 

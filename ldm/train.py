@@ -17,10 +17,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.util import ConfigError
-
-DESCRIPTION = __doc__.split("\n\n")[0]
-
+from ldm.util import ConfigError, launcher_rank
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -108,7 +105,7 @@ def make_logdir_later(root: Path, name: str, base: Sequence[str]):
     With several GPUs, Lightning runs this command again for ranks 1..N-1; those processes
     inherit the environment of rank 0, which names its folder, and use that one."""
     def make() -> Path:
-        if os.environ.get(RUN_DIR_ENV) and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        if os.environ.get(RUN_DIR_ENV) and launcher_rank() > 0:
             return Path(os.environ[RUN_DIR_ENV])
         logdir = make_logdir(root, name, base)
         os.environ[RUN_DIR_ENV] = str(logdir)

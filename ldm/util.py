@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from typing import Any, Mapping
 
 
@@ -84,3 +85,9 @@ def instantiate_from_config(config: Any, path: str = "<config>", **extra: Any) -
     params.update(extra)
     _check_params(cls, params, path)
     return cls(**params)
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (Lightning sets RANK / LOCAL_RANK in
+    the processes it starts for ranks > 0), before or without a process group: 0 otherwise."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))

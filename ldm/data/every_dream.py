@@ -33,6 +33,7 @@ from ldm.data.images import BACKGROUNDS, RESAMPLE, check_choice, load_bucket_ima
 from ldm.data.plan import EpochPlanner, derive_seed, split_validation
 from ldm.data.report import build_report, default_token_counter, render_report
 from ldm.data.scan import DatasetError, ImageRecord, ScanResult, scan_folder
+from ldm.util import launcher_rank
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # skipped files already reported by this process
@@ -49,7 +50,7 @@ def _is_rank_zero() -> bool:
     """Before the process group exists, the launcher's RANK variable tells (Lightning DDP sets it)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+    return launcher_rank() == 0
 
 
 def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
