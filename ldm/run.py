@@ -107,6 +107,9 @@ def _accepts(node: Any, key: str) -> bool:
 
 # The VAE and a frozen text encoder stay in eval mode on purpose (ldm.models.diffusion.ddpm).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Lightning warns that a mid-epoch resume is unreliable unless the loader itself is stateful;
+# here the data module carries the position (ldm.data.datamodule), and the resume is exact.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Callable[[], Path],

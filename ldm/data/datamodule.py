@@ -16,9 +16,11 @@ and the position in the epoch that a checkpoint carries.
 `batch_size` is passed to both datasets, and `--data_root` (main.py) to both unless the
 validation node names a folder of its own.
 
-Resume: the training loader is stateful for Lightning (`ResumableLoader`): every checkpoint
-records (epoch, batches trained in it), and a resumed run's sampler starts its epoch at the
-next batch, the one the interrupted run would have trained.
+Resume: every checkpoint records the data module's state, (epoch, batches trained in it),
+and a resumed run's sampler starts its epoch at the next batch, the one the interrupted run
+would have trained. It is the data module, not the loader, that carries the position:
+Lightning restores data modules before it builds any loader, but it builds the training
+loader (to count the run's steps) before it restores a loader's own state.
 """
 from __future__ import annotations
 
@@ -79,9 +81,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if self._resume_position:
             sampler.load_state_dict(self._resume_position)
             self._resume_position = None
-        loader = ResumableLoader(ds, batch_sampler=sampler, **self._loader_kwargs())
-        loader.position = self._position = lambda: self._position_of(sampler)
-        return loader
+        self._position = lambda: self._position_of(sampler)
+        return DataLoader(ds, batch_sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         ds = self.datasets()["validation"]
@@ -102,28 +103,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
             epoch, done = epoch + 1, 0
         return {**sampler.state_dict(batches_done=done), "epoch": epoch}
 
-    # Lightning restores the data module before it builds any loader, so the position is
-    # also kept here: a loader built early (Lightning builds the training loader to count
-    # the run's steps before it restores the loops) still starts at the saved batch.
     def state_dict(self) -> dict[str, int]:
         return self._position() if self._position is not None else {}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self._resume_position = dict(state) or None
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader Lightning treats as stateful: its position is saved with the fit loop in
-    every checkpoint and handed back to the sampler before the resumed run iterates."""
-
-    position: Any = None
-
-    def state_dict(self) -> dict[str, int]:
-        return self.position() if self.position is not None else {}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if state:
-            self.batch_sampler.load_state_dict(state)
 
 
 def _plain(node: Any) -> dict:
