@@ -102,3 +102,47 @@ def test_the_tiny_model_maps_too():
     keys = {kohya_key(p, blocks) for p, _ in default_targets(model, conv=True)}
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in keys
     assert "lora_unet_down_blocks_0_downsamplers_0_conv" in keys and "lora_unet_up_blocks_0_upsamplers_0_conv" in keys
+
+
+@pytest.mark.parametrize("network, unet_count", [({"algo": "lora"}, 192), ({"algo": "locon"}, 278),
+                                                 ({"algo": "loha", "conv_dim": 4}, 278),
+                                                 ({"algo": "lokr", "conv_dim": 4}, 278)])
+def test_every_written_key_fits_its_module_through_both_routes(sd1, network, unet_count):
+    """The SD 1.5 network's file tensors, as the UIs resolve them: each key reaches a module
+    of the CompVis model through the diffusers names and through the CompVis fallback, and
+    the ΔW its tensors rebuild has that module's weight shape."""
+    from ldm.modules.adapters.config import NetworkConfig
+    from ldm.modules.adapters.network import AdapterNetwork
+
+    net = AdapterNetwork(sd1, NetworkConfig.from_mapping({"dim": 4, "alpha": 2, **network}))
+    try:
+        tensors = net.tensors()
+        paths = dict(net.paths)
+    finally:
+        net.remove()
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        key, _, rest = name.partition(".")
+        by_module.setdefault(key, {})[rest] = t
+    assert sum(k.startswith("lora_unet_") for k in by_module) == unet_count
+    assert sum(k.startswith("lora_te_text_model_encoder_layers_") for k in by_module) == 72
+    index = modules_by_underscored_path(sd1)
+    for key, t in by_module.items():
+        assert "alpha" in t and t["alpha"].dim() == 0, key
+        if key.startswith("lora_unet_"):
+            module = index[a1111_to_compvis(key)]
+            assert index[compvis_key(paths[key]).replace("lora_unet_", "diffusion_model_")] is module
+        else:
+            module = index[key.replace("lora_te_", "transformer_")]
+        shape = module.weight.shape
+        if "lora_down.weight" in t:
+            down, up = t["lora_down.weight"], t["lora_up.weight"]
+            assert up.shape[0] == shape[0] and down.shape[1:] == shape[1:], key
+            assert up.shape[2:] in ((), (1, 1)), key  # ComfyUI multiplies flattened factors: up is 1x1
+        elif "hada_w1_a" in t:
+            assert (t["hada_w1_a"] @ t["hada_w1_b"]).numel() == shape.numel(), key
+            assert t["hada_w1_a"].shape[0] == shape[0], key
+        else:
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            assert torch.kron(t["lokr_w1"], w2.flatten(1)).numel() == shape.numel(), key
+            assert t["lokr_w1"].shape[0] * w2.shape[0] == shape[0], key

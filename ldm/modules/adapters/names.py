@@ -103,8 +103,8 @@ def default_targets(model: nn.Module, conv: bool = False) -> Iterator[tuple[str,
             for child_name, child in parent.named_modules():
                 if isinstance(child, (nn.Linear, nn.Conv2d)):
                     yield f"{UNET_PREFIX}{name}.{child_name}", child
-    te = model.cond_stage_model.transformer
-    for name, parent in te.named_modules():
+    te = getattr(model.cond_stage_model, "transformer", None)  # SD 2.x's OpenCLIP: see network.py
+    for name, parent in (te.named_modules() if te is not None else ()):
         if isinstance(parent, (CLIPAttention, CLIPMLP)):  # by type: class names changed across versions
             for child_name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
