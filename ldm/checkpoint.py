@@ -59,6 +59,7 @@ SCHEDULE_BUFFERS = frozenset({
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+ADAPTER_PREFIX = "network."
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")  # kept in full precision on save
 SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 POSITION_IDS_KEY = SD1_TEXT_PREFIX + "embeddings.position_ids"
@@ -258,7 +259,8 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
     """
     if use_ema:
         state_dict = use_ema_weights(state_dict, source=source)
-    targets = model.state_dict()
+    # adapter weights (`network.*`, ldm.modules.adapters) never come from a base checkpoint
+    targets = {k: v for k, v in model.state_dict().items() if not k.startswith(ADAPTER_PREFIX)}
     report = LoadReport(source, ignored=[POSITION_IDS_KEY] if POSITION_IDS_KEY in state_dict else [])
 
     missing = _by_group(k for k in targets if k not in state_dict and k != POSITION_IDS_KEY)

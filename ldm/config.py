@@ -24,6 +24,8 @@ SECTIONS = {
     "data": {"target", "params"},
     "lightning": {"trainer", "callbacks", "modelcheckpoint"},
 }
+# Plain mappings whose keys their parser checks (OptimizerConfig, NetworkConfig).
+CHECKED_SECTIONS = ("model.params.optimizer", "model.params.network")
 # Trainer arguments main.py sets itself; a config that sets them would be overridden silently.
 TRAINER_MANAGED = {"callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler"}
 
@@ -79,6 +81,8 @@ def _check_override_key(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"override {key}: unknown top-level section (expected one of {', '.join(SECTIONS)})")
     if parent in ("lightning.trainer", "lightning.modelcheckpoint.params"):
         return  # checked against the Trainer's / ModelCheckpoint's signature
+    if parent in CHECKED_SECTIONS:
+        return  # checked, key by key, by the section's own parser
     owner = parent.rpartition(".")[0]
     if parent.endswith("params") and OmegaConf.select(cfg, f"{owner}.target" if owner else "target", default=None):
         return  # checked against the target's signature

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from ldm.callbacks.adapter_saver import AdapterSaver
 from ldm.callbacks.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
 from ldm.callbacks.progress import RunProgressBar
 from ldm.callbacks.throughput import Throughput
@@ -133,7 +134,16 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
 
     model = _build_model(cfg)
     model.learning_rate = learning_rate(cfg, args, world_size)
-    if args.actual_resume and resume_ckpt is None:
+    adapter = getattr(model, "network_config", None) is not None
+    output_name = None
+    if adapter:
+        say(model.network.summary())
+        output_name = model.network_config.output_name or args.name or "adapter"
+        OmegaConf.update(cfg, "model.params.network.output_name", output_name)  # a resumed run keeps it
+        if resume_ckpt is not None and not args.actual_resume:
+            raise ConfigError("--resume: an adapter run's checkpoints hold the adapter only; pass the base model "
+                              "again with --actual_resume")
+    if args.actual_resume and (resume_ckpt is None or adapter):  # adapter checkpoints lack the frozen base
         path = Path(args.actual_resume.replace("\\", "/"))
         report = ckpt_io.load_into_model(model, ckpt_io.load_state_dict(path), source=str(path))
         say(report.summary())
@@ -146,10 +156,15 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
         if plan is not None:
             (logdir / "dataset_plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
         OmegaConf.save(cfg, logdir / "configs" / f"{stamp}-project.yaml")
-        flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr}
+        flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr,
+                 "actual_resume": str(Path(args.actual_resume).resolve()) if args.actual_resume else None}
         (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(**kw, callbacks=build_callbacks(cfg, logdir) + [RunProgressBar()], logger=logger,
+    callbacks = build_callbacks(cfg, logdir) + [RunProgressBar()]
+    if adapter:
+        callbacks.append(AdapterSaver(logdir, output_name,
+                                      base_model=args.actual_resume, seed=args.seed, plan=plan))
+    trainer = pl.Trainer(**kw, callbacks=callbacks, logger=logger,
                          default_root_dir=str(logdir), plugins=[AtomicCheckpointIO()],
                          use_distributed_sampler=False)
     if not args.train:

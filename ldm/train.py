@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial weights: an SD .ckpt/.safetensors file (weights only; no optimizer or step)")
     p.add_argument("-n", "--name", default="", help="run name, the suffix of the log folder")
     p.add_argument("--data_root", metavar="DIR", help="folder of training images (searched recursively)")
+    p.add_argument("--reg_data_root", metavar="DIR",
+                   help="folder of regularisation images, mixed into the batches with data.params.train.params."
+                        "prior_loss_weight (kohya's reg folder)")
+    p.add_argument("--network_weights", metavar="FILE",
+                   help="an adapter .safetensors (ours or kohya's) to continue training from; needs a "
+                        "model.params.network section (configs/lora/*.yaml)")
     p.add_argument("-r", "--resume", metavar="LOGDIR_OR_CKPT",
                    help="continue training a run (implies -t): its log folder (uses checkpoints/last.ckpt) or a "
                         "checkpoint in it; restores weights, EMA, optimizer, LR schedule, epoch, step, data "
@@ -126,7 +132,8 @@ def inject_data_root(cfg: DictConfig, data_root: Path | None) -> None:
                 node.params.data_root = str(data_root)
 
 
-CLI_FLAGS = {"seed": 23, "devices": None, "precision": None, "scale_lr": False}  # saved with a run
+CLI_FLAGS = {"seed": 23, "devices": None, "precision": None, "scale_lr": False,  # saved with a run
+             "actual_resume": None}  # an adapter run reloads its frozen base from it on resume
 
 
 def apply_saved_flags(args: argparse.Namespace, logdir: Path) -> None:
@@ -144,6 +151,26 @@ def fill_flag_defaults(args: argparse.Namespace) -> None:
     for key, default in CLI_FLAGS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
+
+
+def inject_adapter_flags(cfg: DictConfig, args: argparse.Namespace) -> None:
+    """--reg_data_root and --network_weights go to their config keys."""
+    if args.reg_data_root is not None:
+        node = OmegaConf.select(cfg, "data.params.train")
+        if node is None:
+            raise ConfigError("--reg_data_root: the config has no data.params.train dataset")
+        folder = _norm_path(args.reg_data_root)
+        if not folder.is_dir():
+            raise ConfigError(f"--reg_data_root {args.reg_data_root}: no such folder")
+        OmegaConf.update(cfg, "data.params.train.params.reg_data_root", str(folder), force_add=True)
+    if args.network_weights is not None:
+        if OmegaConf.select(cfg, "model.params.network") is None:
+            raise ConfigError("--network_weights: the config has no model.params.network section; start from an "
+                              "adapter config such as configs/lora/lora.yaml")
+        path = _norm_path(args.network_weights)
+        if not path.is_file():
+            raise ConfigError(f"--network_weights {args.network_weights}: no such file")
+        OmegaConf.update(cfg, "model.params.network.network_weights", str(path))
 
 
 def check_data_root(cfg: DictConfig) -> None:
@@ -174,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             apply_saved_flags(args, logdir)
         cfg = load_config(base, overrides)
         inject_data_root(cfg, _norm_path(args.data_root))
+        inject_adapter_flags(cfg, args)
         check_data_root(cfg)
         fill_flag_defaults(args)
         if args.dry_run:

@@ -228,7 +228,7 @@ def test_resume_keeps_the_flags_the_run_started_with(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_run_saves_its_flags(finished_run):
     saved = json.loads(next((finished_run / "configs").glob("*-cli.json")).read_text())
-    assert saved == {"seed": 23, "devices": None, "precision": None, "scale_lr": False}
+    assert saved == {"seed": 23, "devices": None, "precision": None, "scale_lr": False, "actual_resume": None}
 
 
 def test_dry_run_plans_for_the_devices_asked(shapes, capsys):

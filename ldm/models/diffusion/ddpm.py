@@ -6,7 +6,9 @@
     loss = || UNet(z_t, t, c) - target ||^2,   target = eps  (or v for parameterization "v")
 
 Only the UNet trains by default; the text encoder trains when `cond_stage_trainable`
-is set; the VAE is always frozen. State-dict names follow the released checkpoints:
+is set; the VAE is always frozen. With a `network` section (ldm.modules.adapters) only
+adapter weights train: the UNet, VAE and text encoder are frozen and kept in half
+precision, and checkpoints hold the adapter (`network.*`) alone. State-dict names follow the released checkpoints:
 `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule
 buffers, and `model_ema.*` when EMA is on.
 """
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.diffusion import schedule
+from ldm.modules.adapters.config import PRECISIONS, NetworkConfig
+from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.ema import LitEma
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from ldm.util import instantiate_from_config
@@ -62,6 +66,7 @@ class LatentDiffusion(pl.LightningModule):
         use_ema: bool = False,
         ema_decay: float = 0.9999,
         optimizer: Mapping[str, Any] | None = None,
+        network: Mapping[str, Any] | None = None,
         # Keys the released SD YAMLs carry; they take only the value SD uses.
         conditioning_key: str = "crossattn",
         num_timesteps_cond: int = 1,
@@ -110,6 +115,29 @@ class LatentDiffusion(pl.LightningModule):
         self.ema_decay = ema_decay
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
+
+        self.network_config: NetworkConfig | None = None
+        if network is not None:
+            self._add_network(NetworkConfig.from_mapping(network))
+
+    def _add_network(self, cfg: NetworkConfig) -> None:
+        """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
+        key = "model.params.network"
+        if self.use_ema:
+            raise ValueError(f"{key}: adapters train without EMA; set model.params.use_ema: false")
+        if self.cond_stage_trainable:
+            raise ValueError(f"{key}: cond_stage_trainable trains the whole text encoder; with a network the text "
+                             f"encoder trains through its adapters (network.targets); set cond_stage_trainable: false")
+        self._freeze(self.model)
+        weights, source = None, "<weights>"
+        if cfg.network_weights:
+            from ldm.modules.adapters.files import read_adapter
+
+            weights, _ = read_adapter(cfg.network_weights)
+            source = cfg.network_weights
+        self.network_config = cfg
+        self.network = AdapterNetwork(self, cfg, weights, source)
+        self.strict_loading = False  # checkpoints hold the adapter only (on_save_checkpoint)
 
     def reset_ema(self) -> None:
         """Start the EMA from the current UNet weights (after loading a file without EMA)."""
@@ -162,7 +190,10 @@ class LatentDiffusion(pl.LightningModule):
         context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
         t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device, generator=self.noise_rng)
         noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=self.noise_rng)
-        return self.p_losses(z0, context, t, noise).mean()
+        loss = self.p_losses(z0, context, t, noise)  # [B]
+        if "loss_weight" in batch:  # regularisation images carry prior_loss_weight
+            loss = loss * batch["loss_weight"].to(loss)
+        return loss.mean()
 
     # ---- the training noise stream -------------------------------------------------
     # Timesteps, noise and posterior samples come from one generator on the model's device,
@@ -174,10 +205,23 @@ class LatentDiffusion(pl.LightningModule):
         if self._noise_rng_state is not None:
             self.noise_rng.set_state(self._noise_rng_state)
             self._noise_rng_state = None
+        if self.network_config is not None:
+            self.network.set_generator(self.noise_rng)  # dropout draws: part of the saved stream
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.noise_rng is not None:
             checkpoint["noise_rng_state"] = self.noise_rng.get_state()
+        if self.network_config is not None:  # the frozen base comes from --actual_resume again
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+            checkpoint["adapter_only"] = True
+
+    # ---- the frozen base in half precision (adapter runs) ----------------------------
+    def setup(self, stage: str) -> None:
+        if self.network_config is None:
+            return
+        dtype = base_dtype(self.network_config.base_precision, str(self.trainer.precision))
+        for part in (self.model, self.first_stage_model, self.cond_stage_model):
+            part.to(dtype)
 
     def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
         state = checkpoint.get("noise_rng_state")
@@ -234,10 +278,27 @@ class LatentDiffusion(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
-        groups = {"unet": [p for p in self.model.parameters() if p.requires_grad]}
+        if self.network_config is not None:
+            net = self.network_config
+            lr = net.unet_lr or self.learning_rate
+            cfg = dataclasses.replace(cfg, lr=lr, text_encoder_lr=net.text_encoder_lr or cfg.text_encoder_lr or lr)
+            groups = self.network.param_groups()
+        else:
+            groups = {"unet": [p for p in self.model.parameters() if p.requires_grad]}
         if self.cond_stage_trainable:
             groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def base_dtype(base_precision: str, trainer_precision: str) -> torch.dtype:
+    """The frozen base's dtype: `auto` follows the trainer's autocast (bf16/fp16), else fp32."""
+    if base_precision != "auto":
+        return PRECISIONS[base_precision]
+    if trainer_precision.startswith("bf16"):
+        return torch.bfloat16
+    if trainer_precision.startswith("16"):
+        return torch.float16
+    return torch.float32

@@ -27,18 +27,19 @@ class AdapterError(ValueError):
 
 class AdapterNetwork(nn.Module):
     def __init__(self, model: nn.Module, cfg: NetworkConfig, weights: Mapping[str, torch.Tensor] | None = None,
-                 source: str = "<weights>"):
+                 source: str = "<weights>", *, fresh: bool = True):
+        """`fresh=False`: only the modules `weights` holds (merging a file), none of cfg's targets."""
         super().__init__()
         self.cfg = cfg
         self.paths: dict[str, str] = {}  # kohya key -> module path in the model
-        if "text_encoder" in cfg.targets and not hasattr(model.cond_stage_model, "transformer"):
+        if fresh and "text_encoder" in cfg.targets and not hasattr(model.cond_stage_model, "transformer"):
             raise AdapterError("model.params.network.targets: adapters on the SD 2.x (OpenCLIP) text encoder are "
                                "not supported; use targets: [unet]")
         blocks = names.block_names(model.model.diffusion_model)
         candidates = _candidates(model, blocks)  # every wrappable module, under both key spellings
         wanted = [(names.kohya_key(path, blocks), path, module)
                   for path, module in names.default_targets(model, conv=cfg.wraps_convs)
-                  if _group(path) in cfg.targets]
+                  if fresh and _group(path) in cfg.targets]
         from_file = _group_by_module(weights or {}, candidates, source)
         self.loaded_from_file = sorted(from_file)
         for key, path, module in wanted:
