@@ -3,10 +3,14 @@
 Caption of an image, first match wins (the scanner supplies the sidecar text):
     <stem>.txt      whole file, surrounding whitespace stripped
     <stem>.caption  same
-    file name       `first_underscore` (default): the stem up to its first "_",
+                    (with `caption_extension`, e.g. ".caption": only <stem> + that extension)
+    fallback        `caption_fallback: filename` (default), the file name:
+                    `first_underscore` (default): the stem up to its first "_",
                     so "john on a bench_(1).png" and "_(2).png" both give "john on a bench";
                     `strip_suffix_only`: only a trailing "_(N)" or "_N" is removed,
                     so booru-style names such as "hatsune_miku, smiling_(2)" keep their underscores.
+                    `caption_fallback: folder` (kohya): the words of the nearest `<N>_<words>`
+                    folder above the image, or "" when there is none.
 
 Folder names: `<N>_<name>` (kohya convention, N >= 1) repeats every image below it N times.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import re
 
 FILENAME_MODES = ("first_underscore", "strip_suffix_only")
+FALLBACKS = ("filename", "folder")
 SIDECAR_EXTENSIONS = (".txt", ".caption")  # in order of precedence
 
 _COPY_SUFFIX = re.compile(r"_(\(\d+\)|\d+)$")  # "_(12)" or "_12" at the end of a stem
@@ -25,6 +30,34 @@ def check_filename_mode(mode: str, key: str = "caption_from_filename") -> str:
     if mode not in FILENAME_MODES:
         raise ValueError(f"{key}: expected one of {', '.join(FILENAME_MODES)}, got {mode!r}")
     return mode
+
+
+def check_fallback(fallback: str, key: str = "caption_fallback") -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"{key}: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    return fallback
+
+
+def sidecar_extensions(caption_extension: str | None, key: str = "caption_extension") -> tuple[str, ...]:
+    """The sidecar extensions read as captions, lower case, in order of precedence:
+    `.txt` then `.caption` for None, else only `caption_extension` (".caption", ".tags.txt" ...)."""
+    if caption_extension is None:
+        return SIDECAR_EXTENSIONS
+    ext = caption_extension
+    if not isinstance(ext, str) or len(ext) < 2 or not ext.startswith(".") or any(c in ext for c in "/\\"):
+        raise ValueError(f"{key}: expected a file extension with its leading dot, such as \".txt\" or "
+                         f"\".caption\", got {caption_extension!r}")
+    return (ext.lower(),)
+
+
+def split_sidecar(name: str, extensions: tuple[str, ...]) -> tuple[str, str] | None:
+    """(image stem, extension) when `name` is a caption file for one of `extensions`
+    (compared in lower case), else None: `split_sidecar("a.TXT", (".txt",)) == ("a", ".txt")`."""
+    lower = name.lower()
+    for ext in extensions:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[:-len(ext)], ext
+    return None
 
 
 def strip_copy_suffix(stem: str) -> str:

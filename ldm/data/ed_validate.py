@@ -24,11 +24,13 @@ class EDValidateBatch(BucketDataset):
     def __init__(self, data_root: str, batch_size: int, repeats: float = 1.0, val_split: float = 0.0,
                  seed: int = 555, resolution: int = 512, debug_level: int = 0,
                  caption_from_filename: str = "first_underscore", background: str = "white",
-                 resample: str = "bicubic", bucket_step: int = 64, max_aspect: float = 4.0, min_side: int = 64):
+                 resample: str = "bicubic", bucket_step: int = 64, max_aspect: float = 4.0, min_side: int = 64,
+                 caption_extension: str | None = None, caption_fallback: str = "filename"):
         _check_common(seed=seed, background=background, resample=resample,
                       caption_from_filename=caption_from_filename)
         buckets = make_buckets(resolution, bucket_step, max_aspect)
-        scan = scan_folder(data_root, caption_from_filename, min_side)
+        captions = {"caption_extension": caption_extension, "caption_fallback": caption_fallback}
+        scan = scan_folder(data_root, caption_from_filename, min_side, **captions)
         _, held = split_validation(scan.images, val_split, seed)
         records = take_fraction(held if val_split > 0 else scan.images, repeats, seed)
         planner = EpochPlanner(records, buckets, batch_size, 1.0, seed, incomplete="keep", use_folder_weights=False)
@@ -36,6 +38,6 @@ class EDValidateBatch(BucketDataset):
         self.settings = {"batch_size": batch_size, "repeats": repeats, "val_split": val_split, "seed": seed,
                          "resolution": resolution, "caption_from_filename": caption_from_filename,
                          "background": background, "resample": resample, "bucket_step": bucket_step,
-                         "max_aspect": max_aspect, "min_side": min_side}
-        self._setup(str(data_root), scan, records, planner, resample=resample, background=background,
+                         "max_aspect": max_aspect, "min_side": min_side, **captions}
+        self._setup(str(data_root), scan, planner, resample=resample, background=background,
                     crop_jitter=0.0, flip_p=0.0, conditional_dropout=0.0, debug_level=debug_level)

@@ -8,6 +8,11 @@
           target: ldm.data.every_dream.EveryDreamBatch
           params: {repeats: 20, resolution: 512, val_split: 0.1, seed: 555, conditional_dropout: 0.04}
 
+With `reg_data_root` (kohya's regularisation folder) the epoch also holds as many
+regularisation samples as training samples, in the same bucket batches; every item, and
+so every batch, carries `loss_weight`: 1.0 for a training image, `prior_loss_weight` for a
+regularisation image.
+
     loader = DataLoader(ds, batch_sampler=ds.batch_sampler(world_size, rank),
                         num_workers=8, collate_fn=collate_batch)
 
@@ -20,8 +25,10 @@ batches_done) for a mid-epoch resume.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -54,10 +61,12 @@ def _is_rank_zero() -> bool:
 
 
 def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack images into [B, 3, H, W]; captions and paths stay lists of str."""
+    """Stack images into [B, 3, H, W] and loss weights into float32 [B]; captions and paths
+    stay lists of str."""
     return {"image": torch.stack([it["image"] for it in items]),
             "caption": [it["caption"] for it in items],
-            "path": [it["path"] for it in items]}
+            "path": [it["path"] for it in items],
+            "loss_weight": torch.tensor([float(it["loss_weight"]) for it in items], dtype=torch.float32)}
 
 
 class BucketBatchSampler:
@@ -115,23 +124,29 @@ class BucketDataset(Dataset):
     """Shared by EveryDreamBatch and EDValidateBatch: records, buckets, loading with fallback."""
 
     augment = True
+    reg_data_root: str | None = None  # the regularisation folder (EveryDreamBatch only)
+    reg_scan: ScanResult | None = None
+    prior_loss_weight = 1.0
 
-    def _setup(self, data_root: str, scan: ScanResult, records: list[ImageRecord], planner: EpochPlanner, *,
+    def _setup(self, data_root: str, scan: ScanResult, planner: EpochPlanner, *,
                resample: str, background: str, crop_jitter: float, flip_p: float, conditional_dropout: float,
                debug_level: int) -> None:
-        if not records:
+        if not planner.n_train:
             raise DatasetError(_nothing_found(data_root, scan, len(scan.images)))
-        self.data_root, self.scan, self.records, self.planner = data_root, scan, records, planner
+        self.data_root, self.scan, self.planner = data_root, scan, planner
+        self.records = planner.records  # training images, then regularisation images
         self.resample, self.background = resample, background
         self.crop_jitter, self.flip_p, self.conditional_dropout = crop_jitter, flip_p, conditional_dropout
         self.debug_level = debug_level
         self._broken: set[int] = set()
         if _is_rank_zero():
-            for s in scan.skipped:
-                path = os.path.join(data_root, s.path)
-                if path not in _WARNED:  # train and validation may scan the same folder
-                    _WARNED.add(path)
-                    logger.warning("skipped %s: %s", path, s.reason)
+            scans = [(data_root, scan)] + ([(self.reg_data_root, self.reg_scan)] if self.reg_scan else [])
+            for root, sc in scans:
+                for s in sc.skipped:
+                    path = os.path.join(root, s.path)
+                    if path not in _WARNED:  # train and validation may scan the same folder
+                        _WARNED.add(path)
+                        logger.warning("skipped %s: %s", path, s.reason)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,7 +165,12 @@ class BucketDataset(Dataset):
         drop_caption = self.augment and rng.random() < self.conditional_dropout
         image, index = self._load_with_fallback(index, rng, flip)
         return {"image": image, "caption": "" if drop_caption else self.records[index].caption,
-                "path": self.records[index].path, "bucket": (bucket.width, bucket.height)}
+                "path": self.records[index].path, "bucket": (bucket.width, bucket.height),
+                "loss_weight": self.prior_loss_weight if self.planner.is_reg(index) else 1.0}
+
+    def _file(self, index: int) -> str:
+        root = self.reg_data_root if self.planner.is_reg(index) else self.data_root
+        return os.path.join(root, self.records[index].path)
 
     def _load_with_fallback(self, index: int, rng: random.Random, flip: bool) -> tuple[torch.Tensor, int]:
         """Load `index`; if it fails, log it and load another image of the same bucket instead."""
@@ -158,7 +178,7 @@ class BucketDataset(Dataset):
         others = [i for i in self.planner.members[bucket] if i != index and i not in self._broken]
         rng.shuffle(others)
         for i in ([index] if index not in self._broken else []) + others:
-            path = os.path.join(self.data_root, self.records[i].path)
+            path = self._file(i)
             try:
                 return load_bucket_image(path, bucket, resample=self.resample, background=self.background,
                                          jitter=self.crop_jitter if self.augment else 0.0, flip=flip,
@@ -178,7 +198,8 @@ class BucketDataset(Dataset):
         if validation is not None:
             report_val = {"images": len(validation.records), "data_root": validation.data_root}
             if os.path.realpath(validation.data_root) == os.path.realpath(self.data_root):
-                overlap = {r.path for r in validation.records} & {r.path for r in self.records}
+                training = self.records[:self.planner.n_train]
+                overlap = {r.path for r in validation.records} & {r.path for r in training}
                 report_val["also_in_training"] = len(overlap)
                 if overlap:
                     warnings.append(f"{len(overlap)} of the {len(validation.records)} validation images are also "
@@ -186,14 +207,15 @@ class BucketDataset(Dataset):
         d = build_report(self.scan, self.planner, held_out=self.held_out, world_size=world_size,
                          epochs=epochs, accumulate_grad_batches=accumulate_grad_batches,
                          token_counter=token_counter or default_token_counter(),
-                         settings=self.settings, warnings=warnings)
+                         settings=self.settings, warnings=warnings, reg_scan=self.reg_scan,
+                         prior_loss_weight=self.prior_loss_weight)
         if validation is not None:
             d["validation"] = report_val
         return render_report(d), d
 
 
-def _nothing_found(data_root: str, scan: ScanResult, usable: int) -> str:
-    msg = f"data_root {data_root!r}: no usable images"
+def _nothing_found(data_root: str, scan: ScanResult, usable: int, key: str = "data_root") -> str:
+    msg = f"{key} {data_root!r}: no usable images"
     if usable:
         return f"{msg} left for this dataset ({usable} found, all held out or excluded by multiply.txt = 0)"
     found = f"{len(scan.skipped)} image file(s) skipped" if scan.skipped else "no image files"
@@ -212,31 +234,60 @@ class EveryDreamBatch(BucketDataset):
                  val_split: float = 0.0, drop_incomplete: bool = False,
                  caption_from_filename: str = "first_underscore", background: str = "white",
                  resample: str = "bicubic", crop_jitter: float = 0.0, bucket_step: int = 64,
-                 max_aspect: float = 4.0, min_side: int = 64):
+                 max_aspect: float = 4.0, min_side: int = 64, caption_extension: str | None = None,
+                 caption_fallback: str = "filename", reg_data_root: str | None = None,
+                 prior_loss_weight: float = 1.0):
         _check_common(seed=seed, background=background, resample=resample,
                       caption_from_filename=caption_from_filename)
+        if not 0.0 <= prior_loss_weight < math.inf:
+            raise ValueError(f"prior_loss_weight: expected a number >= 0, got {prior_loss_weight}")
         for key, value in (("flip_p", flip_p), ("conditional_dropout", conditional_dropout)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key}: expected a probability in [0, 1], got {value}")
         if not 0.0 <= crop_jitter <= 0.25:
             raise ValueError(f"crop_jitter: expected a fraction of the side in [0, 0.25], got {crop_jitter}")
         buckets = make_buckets(resolution, bucket_step, max_aspect)
-        scan = scan_folder(data_root, caption_from_filename, min_side)
+        captions = {"caption_extension": caption_extension, "caption_fallback": caption_fallback}
+        scan = scan_folder(data_root, caption_from_filename, min_side, **captions)
         train, self.held_out = split_validation(scan.images, val_split, seed)
         train = [r for r in train if r.folder_repeats * r.multiply > 0]
+        reg: list[ImageRecord] = []
+        if reg_data_root is not None:
+            self.reg_data_root, self.prior_loss_weight = str(reg_data_root), float(prior_loss_weight)
+            self.reg_scan = _scan_regularisation(self.reg_data_root, str(data_root), caption_from_filename,
+                                                 min_side, captions)
+            reg = [r for r in self.reg_scan.images if r.folder_repeats * r.multiply > 0]
         planner = EpochPlanner(train, buckets, batch_size, repeats, seed,
-                               incomplete="drop" if drop_incomplete else "fill")
+                               incomplete="drop" if drop_incomplete else "fill", reg_records=reg)
+        if reg and not sum(planner.own_counts(0)[planner.n_train:]):
+            raise DatasetError(f"reg_data_root {reg_data_root!r}: its multiply.txt values leave no "
+                               f"regularisation copy per epoch ({len(reg)} images)")
         self.settings = {"batch_size": batch_size, "repeats": repeats, "resolution": resolution, "seed": seed,
                          "val_split": val_split, "drop_incomplete": drop_incomplete, "flip_p": flip_p,
                          "conditional_dropout": conditional_dropout, "caption_from_filename": caption_from_filename,
                          "background": background, "resample": resample, "crop_jitter": crop_jitter,
-                         "bucket_step": bucket_step, "max_aspect": max_aspect, "min_side": min_side}
-        self._setup(str(data_root), scan, train, planner, resample=resample, background=background,
+                         "bucket_step": bucket_step, "max_aspect": max_aspect, "min_side": min_side, **captions,
+                         "reg_data_root": reg_data_root, "prior_loss_weight": prior_loss_weight}
+        self._setup(str(data_root), scan, planner, resample=resample, background=background,
                     crop_jitter=crop_jitter, flip_p=flip_p, conditional_dropout=conditional_dropout,
                     debug_level=debug_level)
         if planner.plan(0).steps == 0:
             raise DatasetError(f"data_root {data_root!r}: drop_incomplete leaves no full batch of {batch_size} "
                                f"in any bucket ({len(train)} images); lower batch_size or set drop_incomplete: false")
+
+
+def _scan_regularisation(reg_data_root: str, data_root: str, caption_from_filename: str, min_side: int,
+                         captions: Mapping[str, Any]) -> ScanResult:
+    """The regularisation folder, scanned with the training folder's rules; refused when it
+    lies inside data_root or holds it (its images would also be training images)."""
+    reg, root = Path(os.path.realpath(reg_data_root)), Path(os.path.realpath(data_root))
+    if reg.is_relative_to(root) or root.is_relative_to(reg):
+        raise DatasetError(f"reg_data_root {reg_data_root!r} and data_root {data_root!r} overlap: keep the "
+                           "regularisation images in a folder of their own, next to data_root")
+    scan = scan_folder(reg_data_root, caption_from_filename, min_side, key="reg_data_root", **captions)
+    if not any(r.folder_repeats * r.multiply > 0 for r in scan.images):
+        raise DatasetError(_nothing_found(reg_data_root, scan, len(scan.images), key="reg_data_root"))
+    return scan
 
 
 def _check_common(*, seed: int, background: str, resample: str, caption_from_filename: str) -> None:

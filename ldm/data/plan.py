@@ -8,6 +8,12 @@ so a run reproduces and resumes at an exact batch.
    floor(weight) copies; the fractional part is spent per folder: of the n images of a
    folder sharing a weight f + frac, round(frac x n) get one more copy, drawn afresh each
    epoch. The number of samples per epoch is therefore the same every epoch.
+   Regularisation images (kohya's reg folder) get their copies by the same rule, and
+   those are then cycled or cut to exactly the number of training copies N: each reg
+   copy N // M times, plus N mod M copies drawn afresh each epoch. Those are shared out
+   to the buckets in proportion to their reg copies, not at random, so a bucket's sample
+   count (and batch count) does not change from epoch to epoch. Reg copies share batches
+   with the training copies of their bucket (kohya's mix), so an epoch holds 2N samples.
 2. Buckets.  Each image sits in its nearest-aspect bucket. Within a bucket the copies are
    laid out round by round (every image once, shuffled, then every image with a second
    copy, ...), so copies of one image rarely share a batch.
@@ -90,6 +96,19 @@ def split_validation(records: Sequence[ImageRecord], val_split: float,
             [r for i, r in enumerate(records) if i in held])
 
 
+def apportion(total: int, sizes: Sequence[int]) -> list[int]:
+    """`total` split in proportion to `sizes` (largest remainders, ties to the first):
+    whole numbers that sum to `total` (all 0 when the sizes sum to 0)."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    shares, rests = zip(*(divmod(total * n, whole) for n in sizes))
+    shares = list(shares)
+    for k in sorted(range(len(sizes)), key=lambda k: -rests[k])[:total - sum(shares)]:
+        shares[k] += 1
+    return shares
+
+
 def take_fraction(records: Sequence[ImageRecord], fraction: float, seed: int) -> list[ImageRecord]:
     """A stable seeded subset of round(fraction x n) records (at least one), in path order."""
     if not 0.0 < fraction <= 1.0:
@@ -106,14 +125,15 @@ class EpochPlanner:
 
     def __init__(self, records: Sequence[ImageRecord], buckets: Sequence[Bucket], batch_size: int,
                  repeats: float = 1.0, seed: int = 555, incomplete: str = "fill",
-                 use_folder_weights: bool = True):
+                 use_folder_weights: bool = True, reg_records: Sequence[ImageRecord] = ()):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if not repeats > 0:
             raise ValueError(f"repeats: expected > 0, got {repeats}")
         if incomplete not in INCOMPLETE_POLICIES:
             raise ValueError(f"incomplete: expected one of {INCOMPLETE_POLICIES}, got {incomplete!r}")
-        self.records = list(records)
+        self.records = list(records) + list(reg_records)
+        self.n_train = len(records)  # records[n_train:] are regularisation images
         self.batch_size, self.repeats, self.seed = batch_size, float(repeats), seed
         self.incomplete, self.use_folder_weights = incomplete, use_folder_weights
         self.bucket_of = [nearest_bucket(r.width, r.height, buckets) for r in self.records]
@@ -126,18 +146,40 @@ class EpochPlanner:
         r = self.records[i]
         return self.repeats * (r.folder_repeats * r.multiply if self.use_folder_weights else 1.0)
 
-    def counts(self, epoch: int) -> list[int]:
-        """Copies of each record in this epoch (see step 1 of the module notes)."""
+    def is_reg(self, i: int) -> bool:
+        return i >= self.n_train
+
+    def own_counts(self, epoch: int) -> list[int]:
+        """Copies of each record from its weight alone (step 1 of the module notes), before
+        the regularisation copies are matched to the training count."""
         counts = [0] * len(self.records)
-        groups: dict[tuple[str, float], list[int]] = defaultdict(list)
+        groups: dict[tuple[bool, str, float], list[int]] = defaultdict(list)
         for i, r in enumerate(self.records):
-            groups[(r.folder, self.weight(i))].append(i)
-        for (folder, w), idx in groups.items():
+            groups[(self.is_reg(i), r.folder, self.weight(i))].append(i)
+        for (reg, folder, w), idx in groups.items():
             base = math.floor(w + 1e-9)
             extra = math.floor(max(w - base, 0.0) * len(idx) + 0.5)
-            chosen = set(_rng(self.seed, "extra", epoch, folder, w).sample(idx, extra)) if extra else set()
+            rng = _rng(self.seed, "reg_extra" if reg else "extra", epoch, folder, w)
+            chosen = set(rng.sample(idx, extra)) if extra else set()
             for i in idx:
                 counts[i] = base + (i in chosen)
+        return counts
+
+    def counts(self, epoch: int) -> list[int]:
+        """Copies of each record in this epoch, regularisation copies matched to the training count."""
+        counts = self.own_counts(epoch)
+        if self.n_train == len(self.records):
+            return counts
+        copies = {b: [i for i in self.members[b] if self.is_reg(i) for _ in range(counts[i])] for b in self.buckets}
+        target = sum(counts[:self.n_train])
+        for b, share in zip(self.buckets, apportion(target, [len(copies[b]) for b in self.buckets])):
+            if not copies[b]:
+                continue
+            full, rest = divmod(share, len(copies[b]))
+            for i in set(copies[b]):
+                counts[i] *= full
+            for i in _rng(self.seed, "reg", epoch, tuple(b)).sample(copies[b], rest):
+                counts[i] += 1
         return counts
 
     def samples_per_epoch(self) -> int:

@@ -1,7 +1,8 @@
 """The data plan report: what `--dry_run` prints and `dataset_plan.json` holds (pure).
 
 `build_report(...)` gathers the numbers into a JSON-ready dict; `render_report(d)` turns
-that dict into the text shown to the user, so both always say the same thing.
+that dict into the text shown to the user, so both always say the same thing. The dict's
+`kohya` entry holds the dataset numbers of kohya's `ss_*` LoRA metadata (`kohya_metadata`).
 """
 from __future__ import annotations
 
@@ -30,20 +31,18 @@ def top_folder(path: str) -> str:
 def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[ImageRecord] = (),
                  world_size: int = 1, epochs: int | None = None, accumulate_grad_batches: int = 1,
                  token_counter: Callable[[str], int] | None = None,
-                 settings: Mapping[str, Any] | None = None, warnings: Sequence[str] = ()) -> dict:
-    records = planner.records
+                 settings: Mapping[str, Any] | None = None, warnings: Sequence[str] = (),
+                 reg_scan: ScanResult | None = None, prior_loss_weight: float = 1.0) -> dict:
+    """`reg_scan` is the regularisation folder's scan when the planner has regularisation records."""
+    records, n_train = planner.records, planner.n_train
+    train, reg = records[:n_train], records[n_train:]
     plan = planner.plan(0, world_size)
-    found = Counter(top_folder(r.path) for r in scan.images)
-    skipped = Counter(top_folder(s.path) for s in scan.skipped)
-    held = Counter(top_folder(r.path) for r in held_out)
-    folders = [{"folder": f, "images": found[f], "held_out": held[f], "skipped": skipped[f]}
-               for f in sorted(set(found) | set(skipped))]
-
     per_bucket: dict[str, dict] = {}
-    counts = planner.counts(0)
+    counts, own = planner.counts(0), planner.own_counts(0)
     for b in planner.buckets:
         members = planner.members[b]
         per_bucket[str(b)] = {"bucket": str(b), "width": b.width, "height": b.height, "images": len(members),
+                              "reg_images": sum(planner.is_reg(i) for i in members),
                               "samples": sum(counts[i] for i in members), "batches": 0, "fills": 0,
                               "dropped": 0, "upscaled": sum(cover_scale(records[i].width, records[i].height, b) > 1
                                                             for i in members)}
@@ -58,19 +57,23 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
 
     upscaled = sorted(((cover_scale(r.width, r.height, planner.bucket_of[i]), i) for i, r in enumerate(records)),
                       reverse=True)
-    upscaled = [{"path": records[i].path, "size": f"{records[i].width}x{records[i].height}",
+    upscaled = [{"path": ("reg: " if planner.is_reg(i) else "") + records[i].path,
+                 "size": f"{records[i].width}x{records[i].height}",
                  "bucket": str(planner.bucket_of[i]), "scale": round(s, 2)} for s, i in upscaled if s > 1]
 
     steps_per_epoch = math.ceil(plan.steps / accumulate_grad_batches) if plan.steps else 0
-    mean_repeats = plan.samples / len(records) if records else 0.0
+    train_samples = sum(counts[:n_train])
+    mean_repeats = train_samples / n_train if n_train else 0.0
+    reg_factor = 2 if reg else 1  # the regularisation samples match the training samples
     divisor = planner.batch_size * world_size * accumulate_grad_batches
     steps = {"batch_size": planner.batch_size, "world_size": world_size,
              "accumulate_grad_batches": accumulate_grad_batches, "batches_per_epoch": len(plan.batches),
              "batches_per_rank": plan.steps, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
              "total_steps": steps_per_epoch * epochs if epochs else None,
-             "formula_repeats": round(mean_repeats, 4),
-             "formula_steps_per_epoch": round(len(records) * mean_repeats / divisor, 2),
-             "formula_total_steps": round(len(records) * mean_repeats * epochs / divisor, 2) if epochs else None}
+             "formula_repeats": round(mean_repeats, 4), "formula_reg_factor": reg_factor,
+             "formula_steps_per_epoch": round(n_train * mean_repeats * reg_factor / divisor, 2),
+             "formula_total_steps": (round(n_train * mean_repeats * epochs * reg_factor / divisor, 2)
+                                     if epochs else None)}
 
     warn = list(warnings)
     for b in planner.buckets:
@@ -81,9 +84,9 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
     return {
         "data_root": scan.data_root,
         "settings": dict(settings or {}),
-        "folders": folders,
+        "folders": _folders(scan, held_out),
         "images_found": len(scan.images),
-        "training_images": len(records),
+        "training_images": n_train,
         "held_out_images": len(held_out),
         "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
         "orphan_captions": scan.orphan_captions[:50],
@@ -91,13 +94,69 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
         "ignored_files": dict(sorted(scan.ignored.items())),
         "folder_weights": _folder_weights(scan.images),
         "buckets": list(per_bucket.values()),
-        "epoch": {"samples": plan.samples, "fills": plan.fills, "dropped": plan.dropped,
-                  "pad_batches": plan.pad_batches, "incomplete": planner.incomplete},
+        "epoch": {"samples": plan.samples, "training_samples": train_samples,
+                  "regularisation_samples": plan.samples - train_samples, "fills": plan.fills,
+                  "dropped": plan.dropped, "pad_batches": plan.pad_batches, "incomplete": planner.incomplete},
         "steps": steps,
         "upscaled": {"count": len(upscaled), "examples": upscaled[:50]},
-        "captions": _caption_stats(records, planner.seed, token_counter),
+        "captions": _caption_stats(train, planner.seed, token_counter),
+        "regularisation": _regularisation(reg_scan, reg, own[n_train:], train_samples, plan.samples - train_samples,
+                                          prior_loss_weight) if reg else None,
+        "kohya": kohya_metadata(train, counts[:n_train], reg, own[n_train:]),
         "warnings": warn,
     }
+
+
+def _folders(scan: ScanResult, held_out: Sequence[ImageRecord] = ()) -> list[dict]:
+    found = Counter(top_folder(r.path) for r in scan.images)
+    skipped = Counter(top_folder(s.path) for s in scan.skipped)
+    held = Counter(top_folder(r.path) for r in held_out)
+    return [{"folder": f, "images": found[f], "held_out": held[f], "skipped": skipped[f]}
+            for f in sorted(set(found) | set(skipped))]
+
+
+def _regularisation(scan: ScanResult, reg: Sequence[ImageRecord], own_counts: Sequence[int], train_samples: int,
+                    reg_samples: int, prior_loss_weight: float) -> dict:
+    """The regularisation part of the report; `own_counts` are its copies before matching."""
+    before = sum(own_counts)
+    summary = (f"{train_samples} training samples + {reg_samples} regularisation samples per epoch = "
+               f"{train_samples + reg_samples} samples: steps per epoch are doubled by the regularisation images")
+    if before != reg_samples:
+        how = "cycled" if before < reg_samples else "cut (which ones changes every epoch)"
+        summary += f" ({before} regularisation copies after repeats, {how} to match the training samples)"
+    return {"data_root": scan.data_root, "images_found": len(scan.images), "images": len(reg),
+            "prior_loss_weight": prior_loss_weight, "samples_before_matching": before, "samples": reg_samples,
+            "summary": summary, "folders": _folders(scan),
+            "skipped": [{"path": s.path, "reason": s.reason} for s in scan.skipped],
+            "orphan_caption_count": len(scan.orphan_captions), "ignored_files": dict(sorted(scan.ignored.items())),
+            "folder_weights": _folder_weights(scan.images),
+            "caption_sources": dict(Counter(r.caption_source for r in reg)),
+            "empty_captions": sum(1 for r in reg if not r.caption)}
+
+
+def kohya_metadata(train: Sequence[ImageRecord], train_counts: Sequence[int], reg: Sequence[ImageRecord],
+                   reg_counts: Sequence[int]) -> dict:
+    """kohya's dataset metadata (`ss_dataset_dirs`, `ss_reg_dataset_dirs`, `ss_tag_frequency`,
+    `ss_num_train_images`, `ss_num_reg_images`) from records and their copies per epoch (the
+    regularisation copies before they are matched to the training count, as kohya counts them).
+
+    A top-level folder's `n_repeats` is its copies per image per epoch, rounded (at least 1);
+    tags are the captions split on ",", stripped and lower-cased, each occurrence counted once
+    (not per copy), as kohya counts them."""
+    def dirs(records: Sequence[ImageRecord], counts: Sequence[int]) -> dict:
+        images, copies = Counter(), Counter()
+        for r, c in zip(records, counts):
+            images[top_folder(r.path)] += 1
+            copies[top_folder(r.path)] += c
+        return {f: {"n_repeats": max(1, math.floor(copies[f] / n + 0.5)), "img_count": n}
+                for f, n in sorted(images.items())}
+
+    tags: dict[str, Counter] = {f: Counter() for f in sorted({top_folder(r.path) for r in train})}
+    for r in train:
+        tags[top_folder(r.path)].update(t.strip().lower() for t in r.caption.split(",") if t.strip())
+    return {"dataset_dirs": dirs(train, train_counts), "reg_dataset_dirs": dirs(reg, reg_counts),
+            "tag_frequency": {f: dict(c) for f, c in tags.items()},
+            "num_train_images": sum(train_counts), "num_reg_images": sum(reg_counts)}
 
 
 def _folder_weights(records: Sequence[ImageRecord]) -> list[dict]:
@@ -146,20 +205,26 @@ def render_report(d: Mapping[str, Any]) -> str:
     for w in d["folder_weights"]:
         lines.append(f"Folder {w['folder']}: {w['images']} images x folder repeats {w['folder_repeats']}"
                      f" x multiply {w['multiply']:g}")
-    lines.append("Buckets (images, samples per epoch, batches, fills, dropped, upscaled):")
+    reg = d["regularisation"] is not None
+    lines.append("Buckets (images, samples per epoch, batches, fills, dropped, upscaled"
+                 + (", of the images regularisation):" if reg else "):"))
     lines += [f"  {b['bucket']:>9}: {b['images']:6d} {b['samples']:7d} {b['batches']:6d} {b['fills']:5d} "
-              f"{b['dropped']:5d} {b['upscaled']:5d}" for b in d["buckets"]]
+              f"{b['dropped']:5d} {b['upscaled']:5d}" + (f" {b['reg_images']:6d}" if reg else "")
+              for b in d["buckets"]]
     e, s = d["epoch"], d["steps"]
     how = {"fill": "partial batches filled", "drop": "partial batches dropped",
            "keep": "partial batches kept"}[e["incomplete"]]
     lines.append(f"Per epoch: {e['samples']} samples after repeats; {how}: {e['fills']} fills, "
                  f"{e['dropped']} dropped, {e['pad_batches']} whole batches added to even out {s['world_size']} rank(s)")
+    if reg:
+        lines.append(f"  {d['regularisation']['summary']}")
     lines.append(f"  {s['batches_per_epoch']} batches of {s['batch_size']} = {s['batches_per_rank']} per rank "
                  f"= {s['steps_per_epoch']} optimizer steps per epoch (accumulate_grad_batches "
                  f"{s['accumulate_grad_batches']})")
     formula = (f"{d['training_images']} images x {s['formula_repeats']:g} repeats x {s['epochs'] or 1} epochs / "
                f"{s['batch_size']}" + (f" / {s['world_size']} ranks" if s["world_size"] > 1 else "")
-               + (f" / {s['accumulate_grad_batches']} accum" if s["accumulate_grad_batches"] > 1 else ""))
+               + (f" / {s['accumulate_grad_batches']} accum" if s["accumulate_grad_batches"] > 1 else "")
+               + (" x 2 regularisation" if s["formula_reg_factor"] == 2 else ""))
     if s["epochs"]:
         lines.append(f"Total for {s['epochs']} epochs: exact {s['total_steps']} steps; "
                      f"formula {formula} = {s['formula_total_steps']:g}")
@@ -183,5 +248,24 @@ def render_report(d: Mapping[str, Any]) -> str:
                                                        for x in c["long"]["examples"][:EXAMPLES]))
     lines.append("  sample captions:")
     lines += [f"    {x['path']}: {x['caption']!r}" for x in c["samples"]]
+    if reg:
+        lines += _render_regularisation(d["regularisation"])
     lines += [f"Warning: {w}" for w in d["warnings"]]
     return "\n".join(lines)
+
+
+def _render_regularisation(g: Mapping[str, Any]) -> list[str]:
+    lines = [f"Regularisation images from {g['data_root']}: found {g['images_found']}, skipped "
+             f"{len(g['skipped'])}, used {g['images']}; loss weight (prior_loss_weight) {g['prior_loss_weight']:g}",
+             "  per top-level folder (images / skipped):"]
+    lines += [f"    {f['folder']}: {f['images']} / {f['skipped']}" for f in g["folders"]]
+    lines += [f"  skipped {s['path']}: {s['reason']}" for s in g["skipped"]]
+    lines += [f"  folder {w['folder']}: {w['images']} images x folder repeats {w['folder_repeats']}"
+              f" x multiply {w['multiply']:g}" for w in g["folder_weights"]]
+    if g["orphan_caption_count"]:
+        lines.append(f"  caption files with no image of the same name: {g['orphan_caption_count']}")
+    if g["ignored_files"]:
+        lines.append("  other files ignored: " + ", ".join(f"{ext} {n}" for ext, n in g["ignored_files"].items()))
+    lines.append("  captions from: " + ", ".join(f"{k} {n}" for k, n in sorted(g["caption_sources"].items()))
+                 + (f"; empty: {g['empty_captions']}" if g["empty_captions"] else ""))
+    return lines

@@ -9,7 +9,9 @@ Rules:
   skipped; symlinked folders are followed once (a loop is not walked twice);
 - image extensions, case-insensitive: IMAGE_EXTENSIONS;
 - the size is the one the model will see: EXIF orientations 5-8 swap width and height;
-- caption: `<stem>.txt`, else `<stem>.caption`, else the file name (see captions.py);
+- caption: `<stem>.txt`, else `<stem>.caption` (or only `<stem><caption_extension>`), else
+  the file name or, with `caption_fallback="folder"`, the words of the nearest `<N>_<words>`
+  folder above the image (see captions.py);
 - a folder named `<N>_<name>` repeats everything below it N times; a `multiply.txt`
   scales its folder and everything below it; nested values multiply.
 """
@@ -19,13 +21,14 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ldm.data.captions import (SIDECAR_EXTENSIONS, caption_from_filename, caption_from_sidecar,
-                               check_filename_mode, filename_caption_was_cut, parse_kohya_folder,
-                               parse_multiply)
+from ldm.data.captions import (caption_from_filename, caption_from_sidecar, check_fallback, check_filename_mode,
+                               filename_caption_was_cut, parse_kohya_folder, parse_multiply, sidecar_extensions,
+                               split_sidecar)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif"})
 MULTIPLY_FILE = "multiply.txt"
@@ -43,7 +46,7 @@ class ImageRecord:
     width: int                 # as displayed: EXIF orientation applied
     height: int
     caption: str
-    caption_source: str        # "txt", "caption" or "filename"
+    caption_source: str        # the sidecar's extension without the dot ("txt", "caption"), "filename" or "folder"
     caption_cut: bool = False  # the file-name caption lost words at an underscore
     folder_repeats: int = 1    # product of N over the `N_name` folders on the path
     multiply: float = 1.0      # product of the multiply.txt values of its folder and above
@@ -145,19 +148,40 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+@dataclass(frozen=True)
+class _CaptionRules:
+    """How an image's caption is found (each field is the config key of the same name)."""
+    caption_from_filename: str = "first_underscore"
+    caption_extension: str | None = None
+    caption_fallback: str = "filename"
+
+    def __post_init__(self):
+        check_filename_mode(self.caption_from_filename)
+        check_fallback(self.caption_fallback)
+        if set(sidecar_extensions(self.caption_extension)) & IMAGE_EXTENSIONS:
+            raise ValueError(f"caption_extension: {self.caption_extension!r} is an image extension")
+
+    @cached_property
+    def extensions(self) -> tuple[str, ...]:
+        return sidecar_extensions(self.caption_extension)
+
+
 def scan_folder(data_root: str | os.PathLike, caption_from_filename_mode: str = "first_underscore",
-                min_side: int = MIN_SIDE) -> ScanResult:
-    """Walk `data_root` (recursively) and return its images, skips and side files."""
-    check_filename_mode(caption_from_filename_mode)
+                min_side: int = MIN_SIDE, *, caption_extension: str | None = None,
+                caption_fallback: str = "filename", key: str = "data_root") -> ScanResult:
+    """Walk `data_root` (recursively) and return its images, skips and side files.
+    The caption settings are the config keys of those names; `key` names the folder in errors."""
+    rules = _CaptionRules(caption_from_filename_mode, caption_extension, caption_fallback)
     root = Path(data_root)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
-        raise DatasetError(f"data_root {str(root)!r} {what}")
+        raise DatasetError(f"{key} {str(root)!r} {what}")
     result = ScanResult(data_root=str(root))
     seen_dirs: set[tuple[int, int]] = set()
-    stack: list[tuple[str, int, float]] = [("", 1, 1.0)]  # (relative folder, repeats, multiply)
+    # (relative folder, repeats, multiply, words of the nearest `N_words` folder)
+    stack: list[tuple[str, int, float, str]] = [("", 1, 1.0, "")]
     while stack:
-        rel, repeats, multiply = stack.pop()
+        rel, repeats, multiply, words = stack.pop()
         abs_dir = os.path.join(root, rel)
         st = os.stat(abs_dir)
         if (st.st_dev, st.st_ino) in seen_dirs:
@@ -178,10 +202,11 @@ def scan_folder(data_root: str | os.PathLike, caption_from_filename_mode: str = 
                     raise DatasetError(str(err)) from None
                 result.multipliers[rel] = value
                 multiply *= value
-        _scan_files(result, rel, files, repeats, multiply, caption_from_filename_mode, min_side)
+        _scan_files(result, rel, files, repeats, multiply, words, rules, min_side)
         for e in reversed([e for e in entries if e.is_dir()]):
             kohya = parse_kohya_folder(e.name)
-            stack.append((f"{rel}/{e.name}" if rel else e.name, repeats * (kohya[0] if kohya else 1), multiply))
+            stack.append((_join(rel, e.name), repeats * (kohya[0] if kohya else 1), multiply,
+                          kohya[1] if kohya else words))
         for e in entries:  # broken links and other non-files with an image extension
             if not e.is_file() and not e.is_dir() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
                 result.skipped.append(SkippedFile(_join(rel, e.name), "cannot read (broken link or special file)"))
@@ -195,14 +220,15 @@ def _join(rel: str, name: str) -> str:
 
 
 def _scan_files(result: ScanResult, rel: str, files: list[os.DirEntry], repeats: int, multiply: float,
-                mode: str, min_side: int) -> None:
+                words: str, rules: _CaptionRules, min_side: int) -> None:
     sidecars: dict[tuple[str, str], os.DirEntry] = {}
     image_stems: set[str] = set()
     for e in files:
         stem, ext = os.path.splitext(e.name)
         ext = ext.lower()
-        if ext in SIDECAR_EXTENSIONS and e.name.lower() != MULTIPLY_FILE:
-            sidecars[(stem, ext)] = e
+        sidecar = split_sidecar(e.name, rules.extensions) if e.name.lower() != MULTIPLY_FILE else None
+        if sidecar is not None:
+            sidecars[sidecar] = e
         elif ext in IMAGE_EXTENSIONS:
             image_stems.add(stem)
         elif e.name.lower() != MULTIPLY_FILE:
@@ -217,23 +243,27 @@ def _scan_files(result: ScanResult, rel: str, files: list[os.DirEntry], repeats:
         path = _join(rel, e.name)
         try:
             width, height = read_image_header(e.path, min_side)
-            caption, source = _caption(stem, sidecars, mode)
+            caption, source = _caption(stem, sidecars, rules, words)
         except (ValueError, OSError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             result.skipped.append(SkippedFile(path, reason))
             continue
         result.images.append(ImageRecord(
             path=path, width=width, height=height, caption=caption, caption_source=source,
-            caption_cut=source == "filename" and mode == "first_underscore" and filename_caption_was_cut(stem),
+            caption_cut=(source == "filename" and rules.caption_from_filename == "first_underscore"
+                         and filename_caption_was_cut(stem)),
             folder_repeats=repeats, multiply=multiply))
 
 
-def _caption(stem: str, sidecars: dict[tuple[str, str], os.DirEntry], mode: str) -> tuple[str, str]:
-    for ext in SIDECAR_EXTENSIONS:
+def _caption(stem: str, sidecars: dict[tuple[str, str], os.DirEntry], rules: _CaptionRules,
+             words: str) -> tuple[str, str]:
+    for ext in rules.extensions:
         entry = sidecars.get((stem, ext))
         if entry is not None:
             try:
                 return caption_from_sidecar(_read_text(entry.path)), ext[1:]
             except UnicodeDecodeError:
                 raise ValueError(f"caption file {entry.name} is not UTF-8 text") from None
-    return caption_from_filename(stem, mode), "filename"
+    if rules.caption_fallback == "folder":
+        return words, "folder"
+    return caption_from_filename(stem, rules.caption_from_filename), "filename"

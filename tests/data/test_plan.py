@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from ldm.data.buckets import make_buckets
-from ldm.data.plan import EpochPlanner, split_validation, take_fraction
-from ldm.data.report import build_report, render_report
+from ldm.data.plan import EpochPlanner, apportion, split_validation, take_fraction
+from ldm.data.report import build_report, kohya_metadata, render_report
 from ldm.data.scan import ImageRecord, ScanResult, SkippedFile
 
 BUCKETS = make_buckets(512)
@@ -199,3 +199,43 @@ def test_report_numbers_and_text():
                    "formula 38 images x", "strip_suffix_only", "exceed 75 tokens", "man/long.jpg (90 tokens)",
                    "Upscaled to fit their bucket: 1"]:
         assert needle in text, needle
+
+
+def test_apportion_is_proportional_whole_and_exact():
+    assert apportion(10, [1, 1, 2]) == [3, 2, 5]  # 2.5, 2.5, 5: the tie goes to the first
+    assert apportion(7, [0, 3, 0]) == [0, 7, 0]
+    assert apportion(5, [0, 0]) == [0, 0]
+    assert sum(apportion(101, [7, 13, 29, 1])) == 101
+
+
+def test_reg_copies_match_the_training_count_with_fixed_bucket_totals():
+    train = mixed_records()
+    reg = ([rec(f"1_person/{i}.jpg", 640, 480) for i in range(9)]
+           + [rec(f"1_person/t{i}.jpg", 480, 640) for i in range(4)])
+    plain = EpochPlanner(train, BUCKETS, batch_size=4, repeats=2)
+    p = EpochPlanner(train, BUCKETS, batch_size=4, repeats=2, reg_records=reg)
+    per_bucket = set()
+    for epoch in range(4):
+        counts = p.counts(epoch)
+        assert counts[:p.n_train] == plain.counts(epoch)             # training copies are unchanged
+        assert sum(counts[p.n_train:]) == sum(counts[:p.n_train])    # as many reg copies as training copies
+        assert p.own_counts(epoch)[p.n_train:] == [2] * 13           # repeats apply to reg images too
+        per_bucket.add(tuple(sum(counts[i] for i in p.members[b] if p.is_reg(i)) for b in p.buckets))
+        plan = p.plan(epoch)
+        assert placed(plan.batches) == Counter({i: c for i, c in enumerate(counts) if c})
+        assert any({p.is_reg(i) for i in b.items} == {True, False} for b in plan.batches)
+    assert len(per_bucket) == 1                                       # the same batches per bucket every epoch
+    assert p.plan(1).steps == p.plan(2).steps and p.plan(1).batches != p.plan(2).batches
+
+
+def test_kohya_metadata_counts_folders_and_tags():
+    train = [rec("10_sks dog/a.jpg", caption="sks dog, Grass, ,  grass "), rec("10_sks dog/b.jpg", caption=" , "),
+             rec("10_sks dog/deeper/c.jpg", caption="SKS dog"), rec("loose.jpg", caption="a photo")]
+    reg = [rec("1_dog/r.jpg"), rec("1_dog/s.jpg")]
+    meta = kohya_metadata(train, [10, 10, 10, 1], reg, [1, 0])
+    assert meta == {"dataset_dirs": {"(data_root)": {"n_repeats": 1, "img_count": 1},
+                                     "10_sks dog": {"n_repeats": 10, "img_count": 3}},
+                    "reg_dataset_dirs": {"1_dog": {"n_repeats": 1, "img_count": 2}},
+                    "tag_frequency": {"(data_root)": {"a photo": 1}, "10_sks dog": {"sks dog": 2, "grass": 2}},
+                    "num_train_images": 31, "num_reg_images": 1}
+    assert kohya_metadata(train[:1], [25], [], [])["dataset_dirs"]["10_sks dog"]["n_repeats"] == 25
