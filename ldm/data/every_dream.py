@@ -19,7 +19,7 @@ regularisation image.
 The sampler yields batches of `(record index, sample seed)` keys, all from one bucket; the
 seed makes flip, crop jitter, caption dropout and a random background reproducible for
 that (epoch, batch, position), whichever worker loads it. Call `sampler.set_epoch(e)`
-each epoch (Lightning does); `state_dict()` / `load_state_dict()` carry (epoch,
+each epoch (Lightning does, through `sampler.sampler`); `state_dict()` / `load_state_dict()` carry (epoch,
 batches_done) for a mid-epoch resume.
 """
 from __future__ import annotations
@@ -84,6 +84,13 @@ class BucketBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = 0 if self.fixed_epoch else int(epoch)
+
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        """Lightning calls `set_epoch` on `loader.sampler` and on `loader.batch_sampler.sampler`,
+        never on the batch sampler itself; this batch sampler is its own sampler, so each
+        epoch gets its own plan."""
+        return self
 
     def __len__(self) -> int:
         return self._len  # the same every epoch: the plan's sizes do not depend on the epoch

@@ -237,3 +237,17 @@ def test_scanning_is_fast_headers_only(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(scan.images) == 2000 and not scan.skipped
     assert elapsed < 2000 * 0.002, f"scan took {elapsed:.2f} s for 2000 files"  # 10,000 files: ~seconds
+
+
+def test_lightning_sets_each_epoch_on_the_batch_sampler(image_zoo):
+    """Lightning calls set_epoch on loader.sampler and loader.batch_sampler.sampler only; the
+    batch sampler must be reachable there or every epoch repeats epoch 0's plan."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+
+    ds = EveryDreamBatch(str(image_zoo), batch_size=2, repeats=3, resolution=128)
+    sampler = ds.batch_sampler(1, 0)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_batch)
+    epoch0 = list(sampler)
+    _set_sampler_epoch(loader, 1)
+    assert sampler.epoch == 1
+    assert list(sampler) != epoch0
