@@ -192,7 +192,8 @@ def _plan_summary(plan: dict) -> str:
     return (f"Data: {plan['training_images']} training images ({plan['held_out_images']} held out, "
             f"{len(plan['skipped'])} skipped), {len(plan['buckets'])} buckets, {plan['epoch']['samples']} samples "
             f"and {steps['batches_per_rank']} batches of {steps['batch_size']} per epoch per device "
-            f"(set data.params.train.params.debug_level=1 for the full plan; it is in dataset_plan.json)")
+            f"(set data.params.train.params.debug_level=1 for the full plan; it is in dataset_plan.json)"
+            + (f"\n{plan['regularisation']['summary']}" if plan.get("regularisation") else ""))
 
 
 def _print_total_steps(plan: dict, kw: dict[str, Any]) -> None:
