@@ -8,4 +8,6 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# LDM_TEST_THREADS=1 when several test runs share the machine: spinning OpenMP threads of
+# competing processes slow each other down by orders of magnitude.
+torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", min(2, os.cpu_count() or 1))))

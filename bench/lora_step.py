@@ -1,0 +1,151 @@
+"""Adapter training step at SD 1.x size: speed and peak memory, ours beside the diffusers + peft peer.
+
+    python bench/lora_step.py --impl ours --mode lora --batch 8            # LoRA r16, UNet + text encoder
+    python bench/lora_step.py --impl ours --mode lora --batch 1 --ckpt     # with gradient checkpointing
+    python bench/lora_step.py --impl ours --mode full --batch 8            # full UNet fine-tune, same loop
+    python bench/lora_step.py --impl peer --batch 8                        # diffusers UNet + peft LoRA r16
+
+Random weights of the real architectures, 512 px (64x64 latents given, as in the research
+anchors: no VAE encode in the step), 77-token captions, bf16 autocast, fused AdamW. Each
+call prints one JSON line: img/s over --steps timed steps after --warmup, and the peak
+allocated memory. Run each configuration in its own process so peaks do not mix
+(bench/lora_step.sh runs them all).
+
+Ours is the training step main.py runs: LatentDiffusion.shared_step with the adapter
+network of configs/lora/lora.yaml (rank 16, alpha 16 here), the frozen base in bf16.
+The peer mirrors diffusers' train_text_to_image_lora.py: frozen bf16 UNet, VAE-free,
+frozen CLIP text encoder run under no_grad, peft LoRA r16 on to_q/to_k/to_v/to_out.0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CAPTIONS = ["a photo of a meeb person standing on a beach at sunset, highly detailed"] * 64
+
+
+def ours(args: argparse.Namespace):
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(ROOT / "configs/lora/lora.yaml").model
+    cfg.params.unet_config.params.use_checkpoint = args.ckpt
+    if args.mode == "lora":
+        cfg.params.network.dim, cfg.params.network.alpha = args.rank, args.rank
+    else:
+        del cfg.params["network"]
+    with torch.device("cuda"):
+        model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
+    model.learning_rate = 1e-4
+    if args.mode == "lora":  # what LatentDiffusion.setup does under bf16-mixed
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(torch.bfloat16)
+        params = list(model.network.parameters())
+    else:
+        params = [p for p in model.model.parameters() if p.requires_grad]
+    tokens = model.cond_stage_model.tokenize(CAPTIONS[: args.batch]).cuda()
+    batch = {"latent": torch.randn(args.batch, 4, 64, 64, device="cuda"), "tokens": tokens,
+             "caption": CAPTIONS[: args.batch]}
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.shared_step(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+def peer(args: argparse.Namespace):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).cuda()
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                      num_hidden_layers=12, max_position_embeddings=77, projection_dim=768,
+                                      hidden_act="quick_gelu")).cuda()
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    unet.to(dtype=torch.bfloat16)
+    te.to(dtype=torch.bfloat16)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # diffusers' cast_training_params: fp32 trainable weights
+    if args.ckpt:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ids = torch.randint(0, 49408, (args.batch, 77), device="cuda")
+    latents = torch.randn(args.batch, 4, 64, 64, device="cuda")
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step():
+        with torch.no_grad():
+            enc = te(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (args.batch,), device="cuda")
+        a = abar[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = unet(noisy, t, enc).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", choices=["ours", "peer"], default="ours")
+    p.add_argument("--mode", choices=["lora", "full"], default="lora")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    step, trainable = (ours if args.impl == "ours" else peer)(args)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    peak_all = torch.cuda.max_memory_allocated()  # model build and first steps (cuDNN trials) included
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(json.dumps({"impl": args.impl, "mode": args.mode, "batch": args.batch, "ckpt": args.ckpt,
+                      "rank": args.rank, "trainable_M": round(trainable / 1e6, 2),
+                      "img_per_s": round(args.batch * args.steps / dt, 2),
+                      "ms_per_step": round(1000 * dt / args.steps, 1),
+                      "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                      "peak_incl_warmup_GiB": round(max(peak_all, torch.cuda.max_memory_allocated()) / 2**30, 3)}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
