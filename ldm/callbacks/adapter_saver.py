@@ -94,6 +94,7 @@ class AdapterSaver(pl.Callback):
             "warmup": ocfg.warmup,
             "prior_loss_weight": settings.get("prior_loss_weight"),
             "plan": self.plan,
+            "model_fields": pl_module.kohya_fields() if hasattr(pl_module, "kohya_fields") else {},
         }
         return info
 

@@ -96,7 +96,8 @@ def kohya_metadata(cfg: NetworkConfig, run: Mapping[str, Any]) -> dict[str, str]
     session_id, started_at / finished_at (datetimes), steps, epoch, max_steps, num_epochs,
     batches_per_epoch, batch_size, world_size, accumulate, precision, gradient_checkpointing,
     max_grad_norm, learning_rate, unet_lr, text_encoder_lr, optimizer, scheduler, warmup,
-    plan (the data plan dict; its "kohya" entry gives the folders and tag frequency).
+    plan (the data plan dict; its "kohya" entry gives the folders and tag frequency, and its
+    "fields" further ss_* keys), model_fields (further ss_* keys from the model).
     """
     module, args = cfg.kohya_module_and_args()
     v2, vpred = bool(run.get("v2")), bool(run.get("v_prediction"))
@@ -153,6 +154,8 @@ def kohya_metadata(cfg: NetworkConfig, run: Mapping[str, Any]) -> dict[str, str]
         "ss_tag_frequency": json.dumps(kohya["tag_frequency"]) if "tag_frequency" in kohya else None,
         "ss_prior_loss_weight": run.get("prior_loss_weight"),
         **{k: v for k, v in (run.get("base_hashes") or {}).items()},
+        **dict(kohya.get("fields") or {}),   # data options as ss_* keys (flip, caption handling ...)
+        **dict(run.get("model_fields") or {}),  # loss and noise options (LatentDiffusion.kohya_fields)
     }
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
