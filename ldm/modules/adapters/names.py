@@ -8,6 +8,7 @@ dots turned into underscores:
 and the CLIP text encoder after transformers' path from `text_model`:
     cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1
         -> lora_te_text_model_encoder_layers_3_mlp_fc1
+(SD 2.x's OpenCLIP encoder gets the same transformers-style names: openclip.py).
 AUTOMATIC1111 and ComfyUI map diffusers names back to CompVis, and also accept the CompVis
 path itself (`lora_unet_input_blocks_1_1_...`) as a fallback; `compvis_key` gives that form.
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from torch import nn
+
+from ldm.modules.adapters import openclip
 
 UNET_PREFIX = "model.diffusion_model."
 TE_PREFIX = "cond_stage_model.transformer."  # SD 1.x (transformers CLIP text model)
@@ -77,7 +80,9 @@ def kohya_key(module_path: str, blocks: dict[str, str]) -> str:
         return "lora_unet_" + diffusers_path(module_path[len(UNET_PREFIX):], blocks).replace(".", "_")
     if module_path.startswith(TE_PREFIX):
         return "lora_te_" + module_path[len(TE_PREFIX):].replace(".", "_")
-    raise KeyError(f"{module_path}: not a UNet or SD 1.x text-encoder module")
+    if module_path.startswith(openclip.PREFIX):
+        return openclip.kohya_key(module_path)
+    raise KeyError(f"{module_path}: not a UNet or text-encoder module")
 
 
 def compvis_key(module_path: str) -> str:
@@ -103,8 +108,11 @@ def default_targets(model: nn.Module, conv: bool = False) -> Iterator[tuple[str,
             for child_name, child in parent.named_modules():
                 if isinstance(child, (nn.Linear, nn.Conv2d)):
                     yield f"{UNET_PREFIX}{name}.{child_name}", child
-    te = getattr(model.cond_stage_model, "transformer", None)  # SD 2.x's OpenCLIP: see network.py
-    for name, parent in (te.named_modules() if te is not None else ()):
+    te = getattr(model.cond_stage_model, "transformer", None)
+    if te is None:  # SD 2.x: OpenCLIP
+        yield from openclip.targets(model)
+        return
+    for name, parent in te.named_modules():
         if isinstance(parent, (CLIPAttention, CLIPMLP)):  # by type: class names changed across versions
             for child_name, child in parent.named_children():
                 if isinstance(child, nn.Linear):

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ldm.modules.adapters import names
+from ldm.modules.adapters import names, openclip
 from ldm.modules.adapters.config import NetworkConfig
 from ldm.modules.adapters.modules import ADAPTERS, Adapter, from_tensors
 
@@ -32,9 +32,6 @@ class AdapterNetwork(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.paths: dict[str, str] = {}  # kohya key -> module path in the model
-        if fresh and "text_encoder" in cfg.targets and not hasattr(model.cond_stage_model, "transformer"):
-            raise AdapterError("model.params.network.targets: adapters on the SD 2.x (OpenCLIP) text encoder are "
-                               "not supported; use targets: [unet]")
         blocks = names.block_names(model.model.diffusion_model)
         candidates = _candidates(model, blocks)  # every wrappable module, under both key spellings
         wanted = [(names.kohya_key(path, blocks), path, module)
@@ -51,8 +48,18 @@ class AdapterNetwork(nn.Module):
                 self._add(key, path, from_tensors(module, tensors, **cfg.dropouts))
             except ValueError as e:
                 raise AdapterError(f"{source}: {key}: {e}") from e
+        self._patched: list[nn.Module] = []  # OpenCLIP attention layers (openclip.py)
+        by_attention: dict[str, dict[str, Adapter]] = {}
         for key, path in self.paths.items():
-            getattr(self, key).apply_to(model.get_submodule(path))
+            if openclip.is_attention(path):
+                owner, _, part = path.rpartition(".")
+                by_attention.setdefault(owner, {})[part] = getattr(self, key)
+            else:
+                getattr(self, key).apply_to(model.get_submodule(path))
+        for owner, parts in by_attention.items():
+            mha = model.get_submodule(owner)
+            openclip.patch_attention(mha, parts)
+            self._patched.append(mha)
 
     def _fresh(self, module: nn.Module) -> Adapter:
         cls = ADAPTERS[self.cfg.algo]
@@ -105,6 +112,9 @@ class AdapterNetwork(nn.Module):
         """Restore every wrapped layer's own forward."""
         for _, adapter in self.adapters():
             adapter.remove()
+        for mha in self._patched:
+            openclip.unpatch_attention(mha)
+        self._patched = []
 
     def tensors(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """The file's tensors (alpha included), in `dtype`, on the CPU."""
@@ -115,12 +125,19 @@ class AdapterNetwork(nn.Module):
         """W <- W + multiplier·ΔW for every adapter, in place in a CompVis `state_dict` (computed in
         fp32, stored in each weight's own dtype). Returns the number of weights changed."""
         for key, adapter in self.adapters():
-            wkey = self.paths[key] + ".weight"
+            path = self.paths[key]
+            wkey, rows = (openclip.weight_slot(path, adapter.out_features) if openclip.is_attention(path)
+                          else (path + ".weight", None))
             if wkey not in state_dict:
                 raise AdapterError(f"{key}: the checkpoint has no {wkey}")
             w = state_dict[wkey]
-            delta = adapter.delta_weight().float().to(w.device)
-            state_dict[wkey] = (w.float() + multiplier * delta).to(w.dtype)
+            merged = w.float()
+            delta = multiplier * adapter.delta_weight().float().to(w.device)
+            if rows is None:
+                merged = merged + delta
+            else:
+                merged[rows] += delta
+            state_dict[wkey] = merged.to(w.dtype)
         return len(self.paths)
 
 
