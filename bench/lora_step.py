@@ -19,34 +19,16 @@ frozen CLIP text encoder run under no_grad, peft LoRA r16 on to_q/to_k/to_v/to_o
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-CAPTIONS = ["a photo of a meeb person standing on a beach at sunset, highly detailed"] * 64
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, setup_cuda, time_steps
 
 
 def ours(args: argparse.Namespace):
-    from omegaconf import OmegaConf
-
-    from ldm.util import instantiate_from_config
-
-    cfg = OmegaConf.load(ROOT / "configs/lora/lora.yaml").model
-    cfg.params.unet_config.params.use_checkpoint = args.ckpt
-    if args.mode == "lora":
-        cfg.params.network.dim, cfg.params.network.alpha = args.rank, args.rank
-    else:
-        del cfg.params["network"]
-    with torch.device("cuda"):
-        model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
-    model.learning_rate = 1e-4
+    model = our_model("configs/lora/lora.yaml", args.ckpt, drop_network=args.mode == "full",
+                      network={"dim": args.rank, "alpha": args.rank})  # the peer's rank, scale 1
     if args.mode == "lora":  # what LatentDiffusion.setup does under bf16-mixed
         for part in (model.model, model.first_stage_model, model.cond_stage_model):
             part.to(torch.bfloat16)
@@ -68,15 +50,10 @@ def ours(args: argparse.Namespace):
 
 
 def peer(args: argparse.Namespace):
-    from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).cuda()
+    unet = diffusers_sd15_unet()
     te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                       num_hidden_layers=12, max_position_embeddings=77, projection_dim=768,
                                       hidden_act="quick_gelu")).cuda()
@@ -124,27 +101,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    setup_cuda()
     step, trainable = (ours if args.impl == "ours" else peer)(args)
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    peak_all = torch.cuda.max_memory_allocated()  # model build and first steps (cuDNN trials) included
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(json.dumps({"impl": args.impl, "mode": args.mode, "batch": args.batch, "ckpt": args.ckpt,
-                      "rank": args.rank, "trainable_M": round(trainable / 1e6, 2),
-                      "img_per_s": round(args.batch * args.steps / dt, 2),
-                      "ms_per_step": round(1000 * dt / args.steps, 1),
-                      "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                      "peak_incl_warmup_GiB": round(max(peak_all, torch.cuda.max_memory_allocated()) / 2**30, 3)}),
-          flush=True)
+    emit(time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, mode=args.mode, ckpt=args.ckpt,
+                    rank=args.rank, trainable_M=round(trainable / 1e6, 2)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Shared by the bench scripts: the diffusers SD 1.5 UNet (benchmark-only dependency), our
+model from a config, the timed loop, and the measured bf16 matmul rate for MFU."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CAPTIONS = ["a photo of a meeb person standing on a beach at sunset, highly detailed"] * 256
+
+
+def diffusers_sd15_unet() -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel with SD 1.5's configuration, random weights, on the GPU."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).cuda()
+
+
+def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
+              network: dict | None = None) -> torch.nn.Module:
+    """LatentDiffusion from a config's model section, built directly on the GPU; `network`
+    overrides keys of its adapter section, `drop_network` removes it (a full fine-tune)."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load(ROOT / config).model
+    cfg.params.unet_config.params.use_checkpoint = use_checkpoint
+    if drop_network and "network" in cfg.params:
+        del cfg.params["network"]
+    for key, value in (network or {}).items():
+        cfg.params.network[key] = value
+    with torch.device("cuda"):
+        model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
+    model.learning_rate = 1e-4
+    return model
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """The bf16 dense matmul rate this GPU reaches (the MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def step_flops(step: Callable[[], None], batch: int) -> float:
+    """FLOPs per image of one step, as torch's FlopCounterMode counts them (SDPA included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / batch
+
+
+def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **fields) -> dict:
+    """Run warm-up steps, then time `steps`; returns img/s, ms/step and peaks as a dict."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    peak_all = torch.cuda.max_memory_allocated()  # model build and first steps (cuDNN trials) included
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    return {**fields, "batch": batch, "img_per_s": round(batch * steps / dt, 2),
+            "ms_per_step": round(1000 * dt / steps, 1), "peak_GiB": round(peak / 2**30, 3),
+            "peak_incl_warmup_GiB": round(max(peak_all, peak) / 2**30, 3)}
+
+
+def setup_cuda() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)

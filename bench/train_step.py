@@ -1,0 +1,99 @@
+"""Full fine-tune training step at SD 1.x size: ours beside the diffusers baseline, with MFU.
+
+    python bench/train_step.py --impl ours --batch 32                 # latents given (cached)
+    python bench/train_step.py --impl ours --batch 32 --encode        # VAE encode (bf16) in the step
+    python bench/train_step.py --impl ours --batch 32 --compile       # UNet compiled in place
+    python bench/train_step.py --impl ours --batch 1 --ckpt           # gradient checkpointing
+    python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
+
+Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
+AdamW. Ours is LatentDiffusion.shared_step of configs/stable-diffusion/v1-finetune_everydream.yaml
+(the frozen CLIP text encoder runs on the tokens every step); the diffusers baseline gets random
+text embeddings, as in the research anchors. One JSON line per call: img/s, ms/step, peak GiB,
+FLOPs per image (FlopCounterMode on one step) and MFU against the bf16 matmul rate measured
+on this GPU in the same process. Run each configuration in its own process
+(bench/train_step.sh runs the table of doc/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, setup_cuda, step_flops, time_steps
+
+
+def ours(args: argparse.Namespace):
+    model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", args.ckpt)
+    if args.compile:
+        model.model.diffusion_model.compile()  # in place: the state-dict names stay
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[: args.batch]).cuda(),
+             "caption": CAPTIONS[: args.batch]}
+    if args.encode:
+        model.first_stage_model.to(torch.bfloat16)
+        batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
+    else:
+        batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.shared_step(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def baseline(args: argparse.Namespace):
+    if args.encode:
+        raise SystemExit("--encode: the diffusers baseline is measured with latents given")
+    unet = diffusers_sd15_unet()
+    if args.ckpt:
+        unet.enable_gradient_checkpointing()
+    if args.compile:
+        unet.compile()
+    unet.train()
+    latents = torch.randn(args.batch, 4, 64, 64, device="cuda")
+    context = torch.randn(args.batch, 77, 768, device="cuda")
+    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2, 0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (args.batch,), device="cuda")
+        a = abar[t].view(-1, 1, 1, 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context).sample
+        F.mse_loss(pred.float(), noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--encode", action="store_true", help="encode 512 px images with the VAE in the step")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    setup_cuda()
+    rate = matmul_tflops()
+    step = (ours if args.impl == "ours" else baseline)(args)
+    step()  # build kernels / compile before counting
+    flops = step_flops(step, args.batch)
+    record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
+                        compile=args.compile, encode=args.encode)
+    record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
+                  mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3))
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
