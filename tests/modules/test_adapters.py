@@ -252,3 +252,22 @@ def test_conv_alpha_defaults_keep_the_alpha_ratio():
     assert NetworkConfig.from_mapping({"algo": "locon", "dim": 16, "alpha": 8}).conv_rank == (16, 8.0)
     module, args = NetworkConfig.from_mapping({"algo": "loha", "conv_dim": 4, "conv_alpha": 1}).kohya_module_and_args()
     assert module == "lycoris.kohya" and args == {"conv_dim": "4", "conv_alpha": "1", "algo": "loha"}
+
+
+def test_a_file_may_adapt_layers_beyond_kohya_s_sets(tiny):
+    """LyCORIS' `full` preset also writes conv_in, conv_out and the time embedding."""
+    torch.manual_seed(3)
+    unet = tiny.model.diffusion_model
+    extra = {}
+    for key, layer in (("lora_unet_conv_in", unet.input_blocks[0][0]), ("lora_unet_time_embedding_linear_1",
+                                                                         unet.time_embed[0])):
+        adapter = LoRA(layer, 2, 1.0)
+        randomise(adapter)
+        extra.update({f"{key}.{k}": v for k, v in adapter.state_dict().items()})
+    net = AdapterNetwork(tiny, NetworkConfig(targets=["unet"]), extra, "full.safetensors", fresh=False)
+    try:
+        assert net.paths == {"lora_unet_conv_in": "model.diffusion_model.input_blocks.0.0",
+                             "lora_unet_time_embedding_linear_1": "model.diffusion_model.time_embed.0"}
+        assert net.tensors(torch.float32).keys() == extra.keys()
+    finally:
+        net.remove()

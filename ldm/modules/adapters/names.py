@@ -117,3 +117,11 @@ def default_targets(model: nn.Module, conv: bool = False) -> Iterator[tuple[str,
             for child_name, child in parent.named_children():
                 if isinstance(child, nn.Linear):
                     yield f"{TE_PREFIX}{name}.{child_name}", child
+
+
+def all_unet_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every Linear/Conv2d of the UNet: what a file may name beyond kohya's sets (LyCORIS'
+    `full` preset adds conv_in, conv_out and the time embedding)."""
+    for name, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield f"{UNET_PREFIX}{name}", module

@@ -150,9 +150,10 @@ Candidates = Mapping[str, tuple[str, str, nn.Module]]
 
 def _candidates(model: nn.Module, blocks: Mapping[str, str]) -> dict[str, tuple[str, str, nn.Module]]:
     """Key -> (kohya key, path, module) for every module a file may name: by its kohya
-    (diffusers-named) key or by the CompVis-named fallback, over the full LoCon module set."""
+    (diffusers-named) key or by the CompVis-named fallback; every UNet Linear/Conv2d and the
+    text encoder's kohya set."""
     out = {}
-    for path, module in names.default_targets(model, conv=True):
+    for path, module in [*names.all_unet_layers(model), *names.default_targets(model, conv=True)]:
         key = names.kohya_key(path, blocks)
         out[key] = out[names.compvis_key(path)] = (key, path, module)
     return out
