@@ -137,6 +137,7 @@ def test_sd1_meta_build_then_assign_load():
     (dict(clip_skip=3), "clip_skip"),
     (dict(layer="penultimate", clip_skip=2), "penultimate"),
     (dict(max_length=78), "max_length"),
+    (dict(max_length=100), "max_length"),
     (dict(num_heads=3), "num_heads"),
 ])
 def test_sd1_bad_arguments_are_named(kwargs, match):
@@ -212,10 +213,58 @@ def test_sd2_meta_build_then_assign_load(tiny_open_clip_arch):
     (dict(arch="ViT-Nope-99"), "arch"),
     (dict(layer="pooled"), "layer"),
     (dict(max_length=1), "max_length"),
+    (dict(max_length=160), "max_length"),
 ])
 def test_sd2_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match), torch.device("meta"):
         FrozenOpenCLIPEmbedder(**kwargs)
+
+
+# --- long prompts: 75-token chunks, each encoded on its own, concatenated along the sequence -------
+
+LONG_CAPTIONS = [" ".join(["a photo of an astronaut riding a horse"] * 12), "a red cube"]  # 96 and 3 tokens
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_sd1_long_prompt_is_each_chunk_encoded_alone(clip_skip):
+    encoder = tiny_clip(max_length=225, clip_skip=clip_skip)
+    assert (encoder.max_token_length, encoder.context_length) == (225, 231)
+    tokens = encoder.tokenize(LONG_CAPTIONS)
+    c = encoder(LONG_CAPTIONS)
+    assert tokens.shape == (2, 231) and c.shape == (2, 231, 64)
+    text_model = encoder.transformer.text_model
+    for k in range(3):  # AUTOMATIC1111: hidden state clip_skip layers from the end, then the final norm
+        chunk = tokens[:, 77 * k:77 * (k + 1)]
+        hidden = text_model(input_ids=chunk, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(c[:, 77 * k:77 * (k + 1)], text_model.final_layer_norm(hidden[-clip_skip]))
+    # a caption that fits one chunk: its first chunk is what the 77-token encoder gives
+    short = FrozenCLIPEmbedder(**TINY_CLIP, clip_skip=clip_skip)
+    short.load_state_dict(encoder.state_dict())
+    assert short.max_token_length is None and short.context_length == 77
+    torch.testing.assert_close(c[1:, :77], short(LONG_CAPTIONS[1:]))
+    assert not torch.allclose(c[0, :77], c[0, 77:154])
+
+
+@pytest.mark.parametrize("layer,dropped", [("last", 0), ("penultimate", 1)])
+def test_sd2_long_prompt_is_each_chunk_encoded_alone(tiny_open_clip_arch, layer, dropped):
+    encoder = tiny_open_clip(tiny_open_clip_arch, layer=layer, max_length=150)
+    tokens = encoder.tokenize(LONG_CAPTIONS)
+    c = encoder(LONG_CAPTIONS)
+    assert tokens.shape == (2, 154) and c.shape == (2, 154, 32) and encoder.max_token_length == 150
+    for k in range(2):
+        chunk = tokens[:, 77 * k:77 * (k + 1)]
+        torch.testing.assert_close(c[:, 77 * k:77 * (k + 1)], open_clip_reference(encoder, chunk, dropped))
+
+
+def test_long_prompt_trains_the_text_encoder():
+    """Full fine-tuning and text-encoder adapters: gradients reach the weights through every chunk."""
+    torch.manual_seed(0)
+    encoder = FrozenCLIPEmbedder(**TINY_CLIP, max_length=150, freeze=False)
+    encoder(LONG_CAPTIONS)[:, 77:].sum().backward()  # the second chunk only
+    grad = encoder.transformer.text_model.embeddings.token_embedding.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="chunks of 77"):
+        encoder.encode_tokens(torch.zeros(1, 100, dtype=torch.long))
 
 
 # --- built from the shipped configs -------------------------------------------------------------

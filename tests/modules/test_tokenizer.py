@@ -88,3 +88,77 @@ def test_sd2_equals_open_clip_and_pads_with_zero():
     assert tokens[0, :len(ids)].tolist() == ids and (tokens[0, len(ids):] == 0).all()
     assert tokens[-1, :3].tolist() == [BOS_ID, EOS_ID, 0]
     assert tokens[-2, 0] == BOS_ID and tokens[-2, 76] == EOS_ID and (tokens[-2] != 0).all()
+
+
+# --- long prompts: chunks of 75 tokens, each [BOS, ..., EOS] (AUTOMATIC1111, kohya --max_token_length) ---
+
+def kohya_chunks(ids, chunks, pad_id):
+    """kohya sd-scripts' rule (train_util get_input_ids), written out: the sequence tokenized
+    to 75 x k + 2 ids; chunk i is BOS + ids[1 + 75i : 76 + 75i] + the last id; with a pad id
+    other than EOS (SD 2.x), a chunk whose content fills it ends in EOS and a chunk starting
+    with padding starts BOS, EOS."""
+    out = []
+    for i in range(1, 75 * chunks + 1, 75):
+        chunk = [ids[0]] + ids[i:i + 75] + [ids[-1]]
+        if pad_id != EOS_ID:
+            if chunk[-2] not in (EOS_ID, pad_id):
+                chunk[-1] = EOS_ID
+            if chunk[1] == pad_id:
+                chunk[1] = EOS_ID
+        out += chunk
+    return out
+
+
+ALL_REFERENCE_TEXT = " ".join(text for text, _ in REFERENCE)
+ALL_REFERENCE_CONTENT = [i for _, ids in REFERENCE for i in ids[1:-1]]  # words tokenize on their own
+
+
+@pytest.mark.parametrize("max_length", [150, 225])
+def test_sd1_long_prompt_chunks_against_reference_ids(max_length):
+    text = ALL_REFERENCE_TEXT + " " + ALL_REFERENCE_TEXT  # 160 content tokens
+    content = ALL_REFERENCE_CONTENT * 2
+    assert token_count(text) == len(content) == 160
+    ids = tokenize_sd1([text, ""], max_length=max_length)
+    k = max_length // 75
+    assert ids.shape == (2, 77 * k)
+    expected = []
+    for c in range(k):
+        part = content[75 * c:75 * (c + 1)]
+        expected += [BOS_ID] + part + [EOS_ID] * (76 - len(part))
+    assert ids[0].tolist() == expected
+    assert ids[1].tolist() == ([BOS_ID] + [EOS_ID] * 76) * k  # an empty caption: k empty chunks
+    # the first chunk of a caption that fits is the usual 77 ids
+    assert torch.equal(tokenize_sd1([REFERENCE[0][0]], 150)[0, :77], tokenize_sd1([REFERENCE[0][0]])[0])
+
+
+@pytest.mark.parametrize("words", [0, 1, 9, 10, 18, 19, 37, 38])  # 4 tokens per word: ends inside, at, past a chunk
+@pytest.mark.parametrize("tokenize,pad_id", [(tokenize_sd1, EOS_ID), (tokenize_sd2, 0)])
+def test_long_prompt_chunks_follow_kohya(tokenize, pad_id, words):
+    text = " ".join(["red cube, table"] * words)  # "red", "cube", ",", "table"
+    for max_length in (150, 225):
+        k = max_length // 75
+        if tokenize is tokenize_sd1:  # one long sequence, as kohya tokenizes
+            full = sd1_tokenizer()(text, padding="max_length", truncation=True, max_length=75 * k + 2)["input_ids"]
+        else:
+            full = open_clip.tokenize([text], context_length=75 * k + 2)[0].tolist()
+        ids = tokenize([text], max_length=max_length)[0].tolist()
+        assert ids == kohya_chunks(full, k, pad_id)
+        for c in range(k):  # every chunk: BOS first; EOS last or right after the content
+            chunk = ids[77 * c:77 * (c + 1)]
+            assert chunk[0] == BOS_ID and EOS_ID in chunk[1:]
+            assert all(t == pad_id for t in chunk[chunk.index(EOS_ID, 1) + 1:])
+
+
+def test_sd2_long_prompt_is_open_clip_content_in_chunks():
+    text = " ".join(["a photo of an astronaut riding a horse"] * 12)  # 96 tokens
+    content = open_clip.tokenize([text], context_length=200)[0].tolist()[1:97]
+    ids = tokenize_sd2([text], max_length=150)[0].tolist()
+    assert ids[:77] == [BOS_ID] + content[:75] + [EOS_ID]
+    assert ids[77:] == [BOS_ID] + content[75:] + [EOS_ID] + [0] * 54
+
+
+@pytest.mark.parametrize("max_length", [78, 100, 151, 76.5])
+@pytest.mark.parametrize("tokenize", [tokenize_sd1, tokenize_sd2])
+def test_max_length_is_one_sequence_or_whole_chunks(tokenize, max_length):
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize(["ok"], max_length=max_length)

@@ -3,6 +3,11 @@
     FrozenCLIPEmbedder      SD 1.x   OpenAI CLIP ViT-L/14 text tower (transformers)   c: [B, 77, 768]
     FrozenOpenCLIPEmbedder  SD 2.x   OpenCLIP ViT-H/14 text tower (open_clip)         c: [B, 77, 1024]
 
+Long prompts: `max_length` 150 or 225 (75 x k tokens) gives c: [B, 77 x k, D], each
+77-position chunk of the ids (tokenizer.py) encoded on its own, at positions 0..76, and the
+k results concatenated along the sequence, as AUTOMATIC1111 does. (kohya's sd-scripts then
+drop the inner BOS/EOS positions, [B, 75 x k + 2, D]; the UNet takes either length.)
+
 Both are built with random (or meta-device) weights and filled from a checkpoint
 later; nothing is downloaded. Their state-dict names are those of the released
 checkpoints under `cond_stage_model.`:
@@ -20,17 +25,45 @@ from open_clip.model import _build_text_tower
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.modules.encoders.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, tokenize_sd1, tokenize_sd2
+from ldm.modules.encoders.tokenizer import (BOS_ID, CHUNK_TOKENS, CONTEXT_LENGTH, EOS_ID, chunk_count,
+                                            tokenize_sd1, tokenize_sd2)
 
 
 class AbstractEncoder(nn.Module):
     """A text encoder: `tokenize` on the CPU, `encode_tokens` on the module's device."""
 
+    max_length = CONTEXT_LENGTH
+
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         raise NotImplementedError
 
     def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, D]. L up to the model's 77 positions is one sequence; a long
+        prompt's [B, 77 x k] ids are k chunks, each encoded on its own, then concatenated."""
+        batch, length = tokens.shape
+        if length <= CONTEXT_LENGTH:
+            return self.encode_sequence(tokens)
+        if length % CONTEXT_LENGTH:
+            raise ValueError(f"{type(self).__name__}: {length} token ids are neither one sequence of at most "
+                             f"{CONTEXT_LENGTH} nor whole chunks of {CONTEXT_LENGTH}")
+        h = self.encode_sequence(tokens.reshape(-1, CONTEXT_LENGTH))  # [B x k, 77, D]
+        return h.reshape(batch, length, h.shape[-1])
+
+    def encode_sequence(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """[B, L <= 77] ids -> [B, L, D]."""
         raise NotImplementedError
+
+    @property
+    def max_token_length(self) -> int | None:
+        """kohya's `--max_token_length` (`ss_max_token_length`): 150 or 225 for a long prompt,
+        None for the usual 75 tokens."""
+        return None if chunk_count(self.max_length) == 1 else self.max_length
+
+    @property
+    def context_length(self) -> int:
+        """Positions of c: max_length, or 77 x k for a long prompt of 75 x k tokens."""
+        chunks = chunk_count(self.max_length)
+        return self.max_length if chunks == 1 else chunks * CONTEXT_LENGTH
 
     @property
     def device(self) -> torch.device:
@@ -49,9 +82,11 @@ class AbstractEncoder(nn.Module):
 
 
 def _check_max_length(name: str, max_length: int, positions: int) -> None:
+    if isinstance(max_length, int) and max_length > positions == CONTEXT_LENGTH and max_length % CHUNK_TOKENS == 0:
+        return  # a long prompt: chunks of 77 positions
     if not isinstance(max_length, int) or not 2 <= max_length <= positions:
-        raise ValueError(f"{name}: max_length must be an integer in [2, {positions}] "
-                         f"(the model's positions), got {max_length!r}")
+        raise ValueError(f"{name}: max_length must be an integer in [2, {positions}] (the model's positions), "
+                         f"or 150, 225, ... (a long prompt in chunks of {CHUNK_TOKENS} tokens), got {max_length!r}")
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
@@ -95,7 +130,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.transformer = nn.Module()
         self.transformer.text_model = CLIPTextModel(config)
         # Released files carry position_ids, so it is saved; its values are never read:
-        # encode_tokens passes arange positions, and loading replaces whatever a file holds
+        # encode_sequence passes arange positions, and loading replaces whatever a file holds
         # (some merged checkpoints hold damaged values, newer conversions none at all).
         self.transformer.text_model.embeddings.register_buffer(
             "position_ids", torch.arange(self.POSITIONS).unsqueeze(0), persistent=True)
@@ -109,8 +144,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         return tokenize_sd1(texts, self.max_length)
 
-    def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, hidden_size]."""
+    def encode_sequence(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """[B, L <= 77] ids -> [B, L, hidden_size]."""
         text_model = self.transformer.text_model
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         out = text_model(input_ids=tokens, position_ids=positions, output_hidden_states=True)
@@ -159,8 +194,8 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         return tokenize_sd2(texts, self.max_length)
 
-    def encode_tokens(self, tokens: torch.LongTensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, width]."""
+    def encode_sequence(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """[B, L <= 77] ids -> [B, L, width]."""
         m = self.model
         L = tokens.shape[1]
         x = m.token_embedding(tokens) + m.positional_embedding[:L]  # [B, L, D]

@@ -13,6 +13,15 @@ Sequences are  [BOS, content..., EOS, EOS, ...]  padded with EOS to 77 and
 truncated to 75 content tokens so EOS stays.
 
 SD 2.x (OpenCLIP ViT-H/14): open_clip's own tokenizer, padded with 0.
+
+Long prompts (`max_length` 150, 225, ... = 75 x k content tokens, k >= 2): the caption is
+tokenized once, cut to 75 x k content tokens, and laid out as k chunks of 77 positions,
+each  [BOS, its 75 content tokens, EOS]  or, for the chunk where the caption ends and the
+ones after it,  [BOS, rest..., EOS, pad, ...]  with pad = EOS (SD 1.x) or 0 (SD 2.x); a
+chunk after the caption's end is  [BOS, EOS, pad, ...]. The ids are [B, 77 x k]; the
+encoders encode each chunk on its own and concatenate the results along the sequence.
+These are the ids AUTOMATIC1111 gives to the text encoder (its chunks when it does not
+move a chunk's end back to a comma) and kohya's sd-scripts with `--max_token_length`.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from open_clip.tokenizer import bytes_to_unicode
 from transformers import CLIPTokenizer
 
 CONTEXT_LENGTH = 77
+CHUNK_TOKENS = CONTEXT_LENGTH - 2  # content tokens per chunk of a long prompt
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = 49406, 49407
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -65,23 +75,56 @@ def _check_args(texts: Sequence[str], max_length: int, caller: str) -> list[str]
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{caller}: texts[{i}] must be a string, got {type(text).__name__}")
-    if max_length < 2:
-        raise ValueError(f"{caller}: max_length must be at least 2 (BOS and EOS), got {max_length}")
+    chunk_count(max_length, caller)
     return list(texts)
 
 
+def chunk_count(max_length: int, caller: str = "max_length") -> int:
+    """1 for `max_length` <= 77 (one sequence of that many positions), k for a long prompt
+    of `max_length` = 75 x k content tokens (k >= 2: 150, 225, ...)."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"{caller}: max_length must be an integer of at least 2 (BOS and EOS), got {max_length!r}")
+    if max_length <= CONTEXT_LENGTH:
+        return 1
+    if max_length % CHUNK_TOKENS:
+        raise ValueError(f"{caller}: max_length must be at most {CONTEXT_LENGTH} positions, or a multiple of "
+                         f"{CHUNK_TOKENS} tokens for a long prompt (150, 225, ...), got {max_length}")
+    return max_length // CHUNK_TOKENS
+
+
+def split_into_chunks(ids: torch.LongTensor, chunks: int, pad_id: int) -> torch.LongTensor:
+    """[B, 75 x chunks + 2] ids of one sequence (BOS, content, EOS, padding) -> [B, 77 x chunks]:
+    each chunk BOS + its share of the content + EOS, then `pad_id` (see the module notes)."""
+    out = torch.full((ids.shape[0], chunks, CONTEXT_LENGTH), pad_id, dtype=torch.long)
+    out[:, :, 0] = BOS_ID
+    for b, row in enumerate(ids.tolist()):
+        content = row[1:row.index(EOS_ID, 1)]  # truncation keeps EOS last, so there is one
+        for c in range(chunks):
+            part = content[c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS]
+            out[b, c, 1:1 + len(part)] = torch.tensor(part, dtype=torch.long)
+            out[b, c, 1 + len(part)] = EOS_ID
+    return out.reshape(ids.shape[0], chunks * CONTEXT_LENGTH)
+
+
 def tokenize_sd1(texts: list[str], max_length: int = CONTEXT_LENGTH) -> torch.LongTensor:
-    """SD 1.x ids, [B, max_length]: BOS, at most max_length - 2 content ids, EOS, EOS padding."""
+    """SD 1.x ids. Up to 77: [B, max_length], BOS, at most max_length - 2 content ids, EOS,
+    EOS padding. 150, 225, ...: [B, 77 x k], k chunks of 75 content tokens (module notes)."""
     texts = _check_args(texts, max_length, "tokenize_sd1")
-    batch = sd1_tokenizer()(texts, padding="max_length", truncation=True,
-                            max_length=max_length, return_tensors="pt")
-    return batch["input_ids"]
+    chunks = chunk_count(max_length)
+    length = max_length if chunks == 1 else chunks * CHUNK_TOKENS + 2
+    ids = sd1_tokenizer()(texts, padding="max_length", truncation=True, max_length=length,
+                          return_tensors="pt")["input_ids"]
+    return ids if chunks == 1 else split_into_chunks(ids, chunks, EOS_ID)
 
 
 def tokenize_sd2(texts: list[str], max_length: int = CONTEXT_LENGTH) -> torch.LongTensor:
-    """SD 2.x ids, [B, max_length], exactly as `open_clip.tokenize` gives them (0 padding)."""
+    """SD 2.x ids. Up to 77: [B, max_length], exactly as `open_clip.tokenize` gives them
+    (0 padding). 150, 225, ...: [B, 77 x k], k chunks padded with 0 after their EOS."""
     texts = _check_args(texts, max_length, "tokenize_sd2")
-    return open_clip.tokenize(texts, context_length=max_length)
+    chunks = chunk_count(max_length)
+    if chunks == 1:
+        return open_clip.tokenize(texts, context_length=max_length)
+    return split_into_chunks(open_clip.tokenize(texts, context_length=chunks * CHUNK_TOKENS + 2), chunks, 0)
 
 
 def token_count(text: str) -> int:
