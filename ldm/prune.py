@@ -117,6 +117,10 @@ def _model_weights(top: Mapping[str, Any], path: Path) -> tuple[dict[str, torch.
         state_dict = state_dict["state_dict"]
     tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     dropped += [f"state_dict.{k}" for k in state_dict if k not in tensors]
+    if top.get("adapter_only") or (tensors and all(k.startswith("network.") for k in tensors)):
+        raise CheckpointError(f"{path}: the checkpoint of an adapter run holds the adapter alone; its files are in "
+                              f"{path.parent.parent / 'adapters'} (merge one into a checkpoint with "
+                              f"scripts/merge_lora.py)")
     if not any(k.startswith(UNET_PREFIX) for k in tensors):
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* weights")
     return tensors, dropped

@@ -210,3 +210,12 @@ def test_the_loss_is_weighted_per_sample():
     both, first, none = loss([1.0, 1.0]), loss([1.0, 0.0]), loss([0.0, 0.0])
     second = loss([0.0, 1.0])
     assert none == 0 and torch.allclose(first + second, both) and not torch.allclose(first, second)
+
+
+def test_pruning_an_adapter_checkpoint_points_to_the_adapter_files(lora_run, tmp_path):
+    from ldm.checkpoint import CheckpointError
+    from ldm.prune import prune_checkpoint
+
+    with pytest.raises(CheckpointError, match="adapters"):
+        prune_checkpoint(lora_run / "checkpoints" / "last.ckpt", tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()
