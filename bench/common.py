@@ -46,6 +46,19 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
     return model
 
 
+def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], lr: float) -> Callable[[], None]:
+    """One training step as main.py runs it: shared_step under bf16 autocast, fused AdamW."""
+    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.shared_step(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
     """The bf16 dense matmul rate this GPU reaches (the MFU denominator)."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

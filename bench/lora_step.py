@@ -23,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, setup_cuda, time_steps
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_step, our_model, setup_cuda, time_steps
 
 
 def ours(args: argparse.Namespace):
@@ -38,14 +38,7 @@ def ours(args: argparse.Namespace):
     tokens = model.cond_stage_model.tokenize(CAPTIONS[: args.batch]).cuda()
     batch = {"latent": torch.randn(args.batch, 4, 64, 64, device="cuda"), "tokens": tokens,
              "caption": CAPTIONS[: args.batch]}
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.shared_step(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = our_step(model, batch, params, lr=1e-4)
     return step, sum(p.numel() for p in params)
 
 

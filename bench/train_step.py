@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, setup_cuda, step_flops, time_steps
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_step, matmul_tflops, our_model, setup_cuda, step_flops, time_steps
 
 
 def ours(args: argparse.Namespace):
@@ -36,14 +36,7 @@ def ours(args: argparse.Namespace):
         batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
     else:
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.shared_step(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = our_step(model, batch, params, lr=1e-5)
     return step
 
 
