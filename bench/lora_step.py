@@ -23,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, our_step, our_model, setup_cuda, time_steps
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, setup_cuda, time_steps
 
 
 def ours(args: argparse.Namespace):

@@ -21,7 +21,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, our_step, matmul_tflops, our_model, setup_cuda, step_flops, time_steps
+from common import (CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, our_step, setup_cuda, step_flops,
+                    time_steps)
 
 
 def ours(args: argparse.Namespace):

@@ -177,7 +177,8 @@ def test_bf16_adapter_training_keeps_a_bf16_base_and_fp32_adapters(inputs, tmp_p
     assert run(*BASE, "-t", "--actual_resume", inputs["base"], "--data_root", inputs["shapes"], "-l", logs,
                "lightning.trainer.precision=bf16-mixed", "lightning.trainer.max_steps=2",
                "lightning.trainer.max_epochs=1", "model.params.network.algo=loha",
-               "model.params.network.save_precision=bf16", "lightning.callbacks.image_logger.params.batch_frequency=100") == 0
+               "model.params.network.save_precision=bf16",
+               "lightning.callbacks.image_logger.params.batch_frequency=100") == 0
     tensors, meta = read_adapter(only_run(logs) / "adapters" / "adapter.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == "loha"

@@ -49,7 +49,9 @@ LAYERS = {
 
 
 def inputs(layer: nn.Module) -> torch.Tensor:
-    return torch.randn(2, 5, layer.in_features) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels, 8, 8)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(2, 5, layer.in_features)
+    return torch.randn(2, layer.in_channels, 8, 8)
 
 
 def randomise(adapter: nn.Module) -> None:
