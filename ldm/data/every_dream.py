@@ -17,8 +17,10 @@ regularisation image.
                         num_workers=8, collate_fn=collate_batch)
 
 The sampler yields batches of `(record index, sample seed)` keys, all from one bucket; the
-seed makes flip, crop jitter, caption dropout and a random background reproducible for
-that (epoch, batch, position), whichever worker loads it. Call `sampler.set_epoch(e)`
+seed makes flip, crop jitter, caption dropout, tag shuffle and tag dropout and a random
+background reproducible for that (epoch, batch, position), whichever worker loads it.
+Settings files in the folders (folder_settings.py) override flip_p, conditional_dropout and
+the caption options per image, and their `loss_scale` multiplies the item's `loss_weight`. Call `sampler.set_epoch(e)`
 each epoch (Lightning does, through `sampler.sampler`); `state_dict()` / `load_state_dict()` carry (epoch,
 batches_done) for a mid-epoch resume.
 """
@@ -35,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.buckets import make_buckets
+from ldm.data.caption_ops import CaptionOptions, process_tags, training_caption
 from ldm.data.captions import check_filename_mode
 from ldm.data.images import BACKGROUNDS, RESAMPLE, check_choice, load_bucket_image
 from ldm.data.plan import EpochPlanner, derive_seed, split_validation
@@ -137,13 +140,14 @@ class BucketDataset(Dataset):
 
     def _setup(self, data_root: str, scan: ScanResult, planner: EpochPlanner, *,
                resample: str, background: str, crop_jitter: float, flip_p: float, conditional_dropout: float,
-               debug_level: int) -> None:
+               debug_level: int, captions: CaptionOptions = CaptionOptions()) -> None:
         if not planner.n_train:
             raise DatasetError(_nothing_found(data_root, scan, len(scan.images)))
         self.data_root, self.scan, self.planner = data_root, scan, planner
         self.records = planner.records  # training images, then regularisation images
         self.resample, self.background = resample, background
         self.crop_jitter, self.flip_p, self.conditional_dropout = crop_jitter, flip_p, conditional_dropout
+        self.captions = captions  # the config's caption options; a folder's settings files override them
         self.debug_level = debug_level
         self._broken: set[int] = set()
         if _is_rank_zero():
@@ -168,12 +172,28 @@ class BucketDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, derive_seed(self.planner.seed, "item", key))
         rng = random.Random(seed)
         bucket = self.planner.bucket_of[index]
-        flip = self.augment and rng.random() < self.flip_p
-        drop_caption = self.augment and rng.random() < self.conditional_dropout
+        folder = self.records[index].settings
+        flip = self.augment and rng.random() < _pick(folder.flip_p, self.flip_p)
+        drop_caption = self.augment and rng.random() < _pick(folder.cond_dropout, self.conditional_dropout)
         image, index = self._load_with_fallback(index, rng, flip)
-        return {"image": image, "caption": "" if drop_caption else self.records[index].caption,
-                "path": self.records[index].path, "bucket": (bucket.width, bucket.height),
-                "loss_weight": self.prior_loss_weight if self.planner.is_reg(index) else 1.0}
+        record = self.records[index]
+        if self.augment:  # the caption options draw from a stream of their own
+            caption = training_caption(record.caption, drop_caption, self.caption_options(index),
+                                       random.Random(derive_seed(seed, "caption")))
+        else:  # validation: the separator is removed, nothing is drawn
+            caption = process_tags(record.caption, CaptionOptions(
+                keep_tokens_separator=self.captions.keep_tokens_separator), None)
+        weight = self.prior_loss_weight if self.planner.is_reg(index) else 1.0
+        return {"image": image, "caption": caption, "path": record.path, "bucket": (bucket.width, bucket.height),
+                "loss_weight": weight * record.settings.loss_scale if self.augment else weight}
+
+    def caption_options(self, index: int) -> CaptionOptions:
+        """The caption options of record `index`: the config's, overridden by its folder's files."""
+        folder, base = self.records[index].settings, self.captions
+        return CaptionOptions(shuffle_tags=_pick(folder.shuffle_tags, base.shuffle_tags),
+                              keep_tokens=_pick(folder.keep_tokens, base.keep_tokens),
+                              keep_tokens_separator=base.keep_tokens_separator,
+                              tag_dropout=_pick(folder.tag_dropout, base.tag_dropout))
 
     def _file(self, index: int) -> str:
         root = self.reg_data_root if self.planner.is_reg(index) else self.data_root
@@ -215,10 +235,15 @@ class BucketDataset(Dataset):
                          epochs=epochs, accumulate_grad_batches=accumulate_grad_batches,
                          token_counter=token_counter or default_token_counter(),
                          settings=self.settings, warnings=warnings, reg_scan=self.reg_scan,
-                         prior_loss_weight=self.prior_loss_weight)
+                         prior_loss_weight=self.prior_loss_weight, caption_options=self.caption_options)
         if validation is not None:
             d["validation"] = report_val
         return render_report(d), d
+
+
+def _pick(folder_value: Any, default: Any) -> Any:
+    """A folder's settings-file value, or the config's when the folder sets none."""
+    return default if folder_value is None else folder_value
 
 
 def _nothing_found(data_root: str, scan: ScanResult, usable: int, key: str = "data_root") -> str:
@@ -243,9 +268,11 @@ class EveryDreamBatch(BucketDataset):
                  resample: str = "bicubic", crop_jitter: float = 0.0, bucket_step: int = 64,
                  max_aspect: float = 4.0, min_side: int = 64, caption_extension: str | None = None,
                  caption_fallback: str = "filename", reg_data_root: str | None = None,
-                 prior_loss_weight: float = 1.0):
+                 prior_loss_weight: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0,
+                 keep_tokens_separator: str = "", tag_dropout: float = 0.0):
         _check_common(seed=seed, background=background, resample=resample,
                       caption_from_filename=caption_from_filename)
+        caption_ops = CaptionOptions(shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout)
         if not 0.0 <= prior_loss_weight < math.inf:
             raise ValueError(f"prior_loss_weight: expected a number >= 0, got {prior_loss_weight}")
         for key, value in (("flip_p", flip_p), ("conditional_dropout", conditional_dropout)):
@@ -274,10 +301,12 @@ class EveryDreamBatch(BucketDataset):
                          "conditional_dropout": conditional_dropout, "caption_from_filename": caption_from_filename,
                          "background": background, "resample": resample, "crop_jitter": crop_jitter,
                          "bucket_step": bucket_step, "max_aspect": max_aspect, "min_side": min_side, **captions,
-                         "reg_data_root": reg_data_root, "prior_loss_weight": prior_loss_weight}
+                         "reg_data_root": reg_data_root, "prior_loss_weight": prior_loss_weight,
+                         "shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens,
+                         "keep_tokens_separator": keep_tokens_separator, "tag_dropout": tag_dropout}
         self._setup(str(data_root), scan, planner, resample=resample, background=background,
                     crop_jitter=crop_jitter, flip_p=flip_p, conditional_dropout=conditional_dropout,
-                    debug_level=debug_level)
+                    debug_level=debug_level, captions=caption_ops)
         if planner.plan(0).steps == 0:
             raise DatasetError(f"data_root {data_root!r}: drop_incomplete leaves no full batch of {batch_size} "
                                f"in any bucket ({len(train)} images); lower batch_size or set drop_incomplete: false")

@@ -2,15 +2,18 @@
 
 `build_report(...)` gathers the numbers into a JSON-ready dict; `render_report(d)` turns
 that dict into the text shown to the user, so both always say the same thing. The dict's
-`kohya` entry holds the dataset numbers of kohya's `ss_*` LoRA metadata (`kohya_metadata`).
+`kohya` entry holds the dataset numbers of kohya's `ss_*` LoRA metadata (`kohya_metadata`),
+and its `fields` the data options as `ss_*` header keys (`kohya_fields`).
 """
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter, defaultdict
 from typing import Any, Callable, Mapping, Sequence
 
 from ldm.data.buckets import cover_scale
+from ldm.data.caption_ops import CaptionOptions, process_tags
 from ldm.data.plan import EpochPlanner, derive_seed
 from ldm.data.scan import ImageRecord, ScanResult
 
@@ -32,8 +35,10 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
                  world_size: int = 1, epochs: int | None = None, accumulate_grad_batches: int = 1,
                  token_counter: Callable[[str], int] | None = None,
                  settings: Mapping[str, Any] | None = None, warnings: Sequence[str] = (),
-                 reg_scan: ScanResult | None = None, prior_loss_weight: float = 1.0) -> dict:
-    """`reg_scan` is the regularisation folder's scan when the planner has regularisation records."""
+                 reg_scan: ScanResult | None = None, prior_loss_weight: float = 1.0,
+                 caption_options: Callable[[int], CaptionOptions] | None = None) -> dict:
+    """`reg_scan` is the regularisation folder's scan when the planner has regularisation records;
+    `caption_options(i)` gives record i's caption options (training only)."""
     records, n_train = planner.records, planner.n_train
     train, reg = records[:n_train], records[n_train:]
     plan = planner.plan(0, world_size)
@@ -76,6 +81,11 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
                                      if epochs else None)}
 
     warn = list(warnings)
+    for sc in [scan] + ([reg_scan] if reg_scan is not None else []):
+        if sc.unread:
+            warn.append(f"EveryDream 2 files that are not read here: {', '.join(sc.unread[:EXAMPLES])}; set options "
+                        "per folder with flip_p.txt, cond_dropout.txt, loss_scale.txt, shuffle_tags.txt, "
+                        "tag_dropout.txt and keep_tokens.txt (doc/DATA.md)")
     for b in planner.buckets:
         if len(planner.members[b]) < planner.batch_size:
             warn.append(f"bucket {b} has {len(planner.members[b])} image(s), fewer than batch_size "
@@ -99,10 +109,12 @@ def build_report(scan: ScanResult, planner: EpochPlanner, *, held_out: Sequence[
                   "dropped": plan.dropped, "pad_batches": plan.pad_batches, "incomplete": planner.incomplete},
         "steps": steps,
         "upscaled": {"count": len(upscaled), "examples": upscaled[:50]},
-        "captions": _caption_stats(train, planner.seed, token_counter),
+        "captions": _caption_stats(train, planner.seed, token_counter, caption_options),
+        "folder_settings": _folder_settings(records, planner),
         "regularisation": _regularisation(reg_scan, reg, own[n_train:], train_samples, plan.samples - train_samples,
                                           prior_loss_weight) if reg else None,
-        "kohya": kohya_metadata(train, counts[:n_train], reg, own[n_train:]),
+        "kohya": {**kohya_metadata(train, counts[:n_train], reg, own[n_train:]),
+                  "fields": kohya_fields(settings or {}, train, caption_options)},
         "warnings": warn,
     }
 
@@ -159,6 +171,31 @@ def kohya_metadata(train: Sequence[ImageRecord], train_counts: Sequence[int], re
             "num_train_images": sum(train_counts), "num_reg_images": sum(reg_counts)}
 
 
+def kohya_fields(settings: Mapping[str, Any], train: Sequence[ImageRecord],
+                 caption_options: Callable[[int], CaptionOptions] | None) -> dict[str, str]:
+    """The data options as kohya's header keys, strings as kohya writes them. Flip and shuffle
+    are "True" when any training image gets them (a settings file may turn them on for one
+    folder); the numbers are the config's. Empty for a dataset without these options."""
+    if "flip_p" not in settings or caption_options is None:
+        return {}
+    flip = any((r.settings.flip_p if r.settings.flip_p is not None else settings["flip_p"]) > 0 for r in train)
+    shuffle = any(caption_options(i).shuffle_tags for i in range(len(train)))
+    return {"ss_flip_aug": str(flip), "ss_shuffle_caption": str(shuffle),
+            "ss_keep_tokens": str(int(settings.get("keep_tokens", 0))),
+            "ss_caption_dropout_rate": str(float(settings["conditional_dropout"])),
+            "ss_caption_tag_dropout_rate": str(float(settings.get("tag_dropout", 0.0)))}
+
+
+def _folder_settings(records: Sequence[ImageRecord], planner: EpochPlanner) -> list[dict]:
+    """Images grouped by the settings files that apply to them (none: not listed)."""
+    groups: Counter = Counter()
+    for i, r in enumerate(records):
+        if r.settings.overrides():
+            groups[(planner.is_reg(i), r.folder, tuple(sorted(r.settings.overrides().items())))] += 1
+    return [{"folder": ("reg: " if reg else "") + (folder or "(data_root)"), "images": n, **dict(values)}
+            for (reg, folder, values), n in sorted(groups.items())]
+
+
 def _folder_weights(records: Sequence[ImageRecord]) -> list[dict]:
     groups: dict[tuple[str, int, float], int] = defaultdict(int)
     for r in records:
@@ -168,16 +205,25 @@ def _folder_weights(records: Sequence[ImageRecord]) -> list[dict]:
             for (f, fr, m), n in sorted(groups.items())]
 
 
-def _caption_stats(records: Sequence[ImageRecord], seed: int,
-                   token_counter: Callable[[str], int] | None) -> dict:
-    ranked = sorted(records, key=lambda r: derive_seed(seed, "sample_captions", r.path))
+def _caption_stats(records: Sequence[ImageRecord], seed: int, token_counter: Callable[[str], int] | None,
+                   caption_options: Callable[[int], CaptionOptions] | None = None) -> dict:
+    order = sorted(range(len(records)), key=lambda i: derive_seed(seed, "sample_captions", records[i].path))
+
+    def sample(i: int) -> dict:
+        r, out = records[i], {"path": records[i].path, "caption": records[i].caption}
+        options = caption_options(i) if caption_options is not None else CaptionOptions()
+        trained = process_tags(r.caption, options, random.Random(derive_seed(seed, "sample_caption", r.path)))
+        if trained != r.caption:
+            out["as_trained"] = trained  # one draw of the tag options
+        return out
+
     cut = [r for r in records if r.caption_cut]
     stats: dict[str, Any] = {
         "sources": dict(Counter(r.caption_source for r in records)),
         "empty": sum(1 for r in records if not r.caption),
         "cut_at_underscore": {"count": len(cut), "examples": [{"path": r.path, "caption": r.caption}
                                                               for r in cut[:50]]},
-        "samples": [{"path": r.path, "caption": r.caption} for r in ranked[:EXAMPLES]],
+        "samples": [sample(i) for i in order[:EXAMPLES]],
         "long": None,
     }
     if token_counter is not None:
@@ -244,10 +290,15 @@ def render_report(d: Mapping[str, Any]) -> str:
                      + ", ".join(f"{x['path']} -> {x['caption']!r}" for x in c["cut_at_underscore"]["examples"][:3]))
     if c["long"] is not None and c["long"]["count"]:
         lines.append(f"  {c['long']['count']} captions exceed {c['long']['limit']} tokens and will be cut by the "
-                     "text encoder, e.g. " + ", ".join(f"{x['path']} ({x['tokens']} tokens)"
+                     "text encoder (unless its max_length is 150 or 225), e.g. " + ", ".join(f"{x['path']} ({x['tokens']} tokens)"
                                                        for x in c["long"]["examples"][:EXAMPLES]))
     lines.append("  sample captions:")
-    lines += [f"    {x['path']}: {x['caption']!r}" for x in c["samples"]]
+    lines += [f"    {x['path']}: {x['caption']!r}" + (f" -> e.g. {x['as_trained']!r}" if "as_trained" in x else "")
+              for x in c["samples"]]
+    for f in d.get("folder_settings", []):
+        values = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
+                           if k not in ("folder", "images"))
+        lines.append(f"Folder settings {f['folder']} ({f['images']} images): {values}")
     if reg:
         lines += _render_regularisation(d["regularisation"])
     lines += [f"Warning: {w}" for w in d["warnings"]]

@@ -13,7 +13,9 @@ Rules:
   the file name or, with `caption_fallback="folder"`, the words of the nearest `<N>_<words>`
   folder above the image (see captions.py);
 - a folder named `<N>_<name>` repeats everything below it N times; a `multiply.txt`
-  scales its folder and everything below it; nested values multiply.
+  scales its folder and everything below it; nested values multiply;
+- the settings files of folder_settings.py (`flip_p.txt`, `loss_scale.txt` ...) apply to
+  their folder and everything below it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from ldm.data.captions import (caption_from_filename, caption_from_sidecar, check_fallback, check_filename_mode,
                                filename_caption_was_cut, parse_kohya_folder, parse_multiply, sidecar_extensions,
                                split_sidecar)
+from ldm.data.folder_settings import UNREAD_FILES, FolderSettings, parse_setting, setting_key
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif"})
 MULTIPLY_FILE = "multiply.txt"
@@ -50,6 +53,7 @@ class ImageRecord:
     caption_cut: bool = False  # the file-name caption lost words at an underscore
     folder_repeats: int = 1    # product of N over the `N_name` folders on the path
     multiply: float = 1.0      # product of the multiply.txt values of its folder and above
+    settings: FolderSettings = FolderSettings()  # the settings files of its folder and above
 
     @property
     def folder(self) -> str:
@@ -71,6 +75,8 @@ class ScanResult:
     orphan_captions: list[str] = field(default_factory=list)   # sidecars with no image of that stem
     ignored: dict[str, int] = field(default_factory=dict)      # other files, counted by extension
     multipliers: dict[str, float] = field(default_factory=dict)  # folder -> its multiply.txt value
+    settings: dict[str, dict] = field(default_factory=dict)      # folder -> {key: value} of its settings files
+    unread: list[str] = field(default_factory=list)              # EveryDream 2 files that are not read
 
 
 def exif_orientation(im: Image.Image) -> int:
@@ -178,10 +184,10 @@ def scan_folder(data_root: str | os.PathLike, caption_from_filename_mode: str = 
         raise DatasetError(f"{key} {str(root)!r} {what}")
     result = ScanResult(data_root=str(root))
     seen_dirs: set[tuple[int, int]] = set()
-    # (relative folder, repeats, multiply, words of the nearest `N_words` folder)
-    stack: list[tuple[str, int, float, str]] = [("", 1, 1.0, "")]
+    # (relative folder, repeats, multiply, words of the nearest `N_words` folder, settings)
+    stack: list[tuple[str, int, float, str, FolderSettings]] = [("", 1, 1.0, "", FolderSettings())]
     while stack:
-        rel, repeats, multiply, words = stack.pop()
+        rel, repeats, multiply, words, settings = stack.pop()
         abs_dir = os.path.join(root, rel)
         st = os.stat(abs_dir)
         if (st.st_dev, st.st_ino) in seen_dirs:
@@ -194,24 +200,35 @@ def scan_folder(data_root: str | os.PathLike, caption_from_filename_mode: str = 
             continue
         entries = [e for e in entries if not _hidden(e)]
         files = [e for e in entries if e.is_file()]
+        local: dict[str, object] = {}
         for e in files:
-            if e.name.lower() == MULTIPLY_FILE:
-                try:
+            key = setting_key(e.name)
+            try:
+                if e.name.lower() == MULTIPLY_FILE:
                     value = parse_multiply(_read_text(e.path), source=e.path)
-                except (ValueError, OSError) as err:
-                    raise DatasetError(str(err)) from None
-                result.multipliers[rel] = value
-                multiply *= value
-        _scan_files(result, rel, files, repeats, multiply, words, rules, min_side)
+                    result.multipliers[rel] = value
+                    multiply *= value
+                elif key is not None:
+                    local[key] = parse_setting(key, _read_text(e.path), source=e.path)
+            except (ValueError, OSError) as err:
+                raise DatasetError(str(err)) from None
+            if e.name.lower() in UNREAD_FILES:
+                result.unread.append(_join(rel, e.name))
+        if local:
+            result.settings[rel] = local
+            settings = settings.below(local)
+        files = [e for e in files if not _settings_file(e.name)]
+        _scan_files(result, rel, files, repeats, multiply, words, rules, min_side, settings)
         for e in reversed([e for e in entries if e.is_dir()]):
             kohya = parse_kohya_folder(e.name)
             stack.append((_join(rel, e.name), repeats * (kohya[0] if kohya else 1), multiply,
-                          kohya[1] if kohya else words))
+                          kohya[1] if kohya else words, settings))
         for e in entries:  # broken links and other non-files with an image extension
             if not e.is_file() and not e.is_dir() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
                 result.skipped.append(SkippedFile(_join(rel, e.name), "cannot read (broken link or special file)"))
     result.images.sort(key=lambda r: r.path)
     result.skipped.sort(key=lambda s: s.path)
+    result.unread.sort()
     return result
 
 
@@ -219,19 +236,25 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
+def _settings_file(name: str) -> bool:
+    """multiply.txt, a settings file or an EveryDream 2 file: never a caption or an ignored file."""
+    lower = name.lower()
+    return lower == MULTIPLY_FILE or setting_key(lower) is not None or lower in UNREAD_FILES
+
+
 def _scan_files(result: ScanResult, rel: str, files: list[os.DirEntry], repeats: int, multiply: float,
-                words: str, rules: _CaptionRules, min_side: int) -> None:
+                words: str, rules: _CaptionRules, min_side: int, settings: FolderSettings) -> None:
     sidecars: dict[tuple[str, str], os.DirEntry] = {}
     image_stems: set[str] = set()
     for e in files:
         stem, ext = os.path.splitext(e.name)
         ext = ext.lower()
-        sidecar = split_sidecar(e.name, rules.extensions) if e.name.lower() != MULTIPLY_FILE else None
+        sidecar = split_sidecar(e.name, rules.extensions)
         if sidecar is not None:
             sidecars[sidecar] = e
         elif ext in IMAGE_EXTENSIONS:
             image_stems.add(stem)
-        elif e.name.lower() != MULTIPLY_FILE:
+        else:
             result.ignored[ext or "(no extension)"] = result.ignored.get(ext or "(no extension)", 0) + 1
     for (stem, ext), e in sidecars.items():
         if stem not in image_stems:
@@ -252,7 +275,7 @@ def _scan_files(result: ScanResult, rel: str, files: list[os.DirEntry], repeats:
             path=path, width=width, height=height, caption=caption, caption_source=source,
             caption_cut=(source == "filename" and rules.caption_from_filename == "first_underscore"
                          and filename_caption_was_cut(stem)),
-            folder_repeats=repeats, multiply=multiply))
+            folder_repeats=repeats, multiply=multiply, settings=settings))
 
 
 def _caption(stem: str, sidecars: dict[tuple[str, str], os.DirEntry], rules: _CaptionRules,
