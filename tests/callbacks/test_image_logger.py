@@ -253,3 +253,21 @@ def test_sampling_turns_cudnn_benchmark_off_and_restores_it(tiny_model, benchmar
         assert torch.backends.cudnn.benchmark is benchmark
     finally:
         torch.backends.cudnn.benchmark = old
+
+
+def test_long_prompts_sample_with_a_long_prompt_text_encoder(tmp_path):
+    """max_length 150: prompts past 75 tokens reach the UNet as [B, 154, D], negative prompt included."""
+    cfg = OmegaConf.load("tests/configs/tiny.yaml").model
+    cfg.params.cond_stage_config.params.max_length = 150
+    torch.manual_seed(0)
+    model = instantiate_from_config({"target": cfg.target, "params": cfg.params}, path="model")
+    long = " ".join(["a red square on a blue field"] * 14)  # 98 tokens
+    contexts = []
+    model.model.register_forward_pre_hook(lambda module, args: contexts.append(args[2].shape))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{long} --n blurry --w 32 --h 32 --s 2\n")
+    ImageLogger(batch_frequency=1, steps=2, prompts_file=str(prompts), logdir=str(tmp_path)).log_samples(
+        fake_trainer(tmp_path, 1), model)
+    assert (images_dir(tmp_path) / "samples_gs-000001_e-00_prompts.png").exists()
+    assert contexts and all(shape[1:] == (154, model.cond_stage_model.transformer.text_model.config.hidden_size)
+                            for shape in contexts)

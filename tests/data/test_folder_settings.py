@@ -90,6 +90,23 @@ def test_caption_options_change_the_caption_and_nothing_else(tagged):
     assert len({ds[(0, s)]["caption"] for s in range(40)}) > 10  # another seed, another draw
 
 
+def test_global_flip_and_crop_jitter_change_the_image_only(tmp_path):
+    root = tmp_path / "wide"
+    for name in ("x", "y"):
+        save_image(root / f"{name}.png", (160, 64))
+        (root / f"{name}.txt").write_text("sks dog, grass")
+    base = dataset(root, flip_p=0.0)
+    flipped, jittered = dataset(root, flip_p=1.0), dataset(root, flip_p=0.0, crop_jitter=0.2)
+    moved = 0
+    for key in [(i, 40 + s) for i in range(2) for s in range(10)]:
+        b, f, j = base[key], flipped[key], jittered[key]
+        assert torch.equal(f["image"], b["image"].flip(-1))
+        moved += not torch.equal(j["image"], b["image"])
+        for other in (f, j):
+            assert (other["caption"], other["path"], other["loss_weight"]) == (b["caption"], b["path"], 1.0)
+    assert moved > 10
+
+
 def test_whole_caption_dropout_empties_captions_only(tagged):
     base, ds = dataset(tagged, conditional_dropout=0.0), dataset(tagged, conditional_dropout=1.0)
     for key in [(i, 3 + i) for i in range(len(ds))]:
