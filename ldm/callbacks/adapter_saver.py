@@ -111,9 +111,16 @@ def _kohya_precision(precision: str) -> str:
 
 
 def _optimizer_name(opt: Any, ocfg: Any) -> str | None:
-    """`torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.999))`, kohya's style."""
+    """`torch.optim.adamw.AdamW(weight_decay=0.01,fused=True)`, kohya's style: the class (the first one of
+    its MRO not from ldm, so a thin subclass reads as its package's) and the keyword arguments it was
+    built with besides params and lr (ldm.optim.registry records them as `built_with`)."""
     if opt is None:
         return None
-    args = {"weight_decay": ocfg.weight_decay, "betas": tuple(ocfg.betas), **dict(ocfg.args)}
-    cls = type(opt)
-    return f"{cls.__module__}.{cls.__name__}(" + ",".join(f"{k}={v}" for k, v in args.items()) + ")"
+    args = getattr(opt, "built_with", None)
+    if args is None:  # not from build_optimizer: the section's settings
+        args = {k: getattr(ocfg, k) for k in ("weight_decay", "betas", "eps") if getattr(ocfg, k, None) is not None}
+        args.update(dict(ocfg.args))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    cls = next((c for c in type(opt).__mro__ if not c.__module__.startswith("ldm.")), type(opt))
+    text = ",".join(f"{k}={v}" for k, v in args.items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({text})" if text else "")

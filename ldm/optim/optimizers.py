@@ -1,13 +1,16 @@
 """The optimizer, built from the `model.params.optimizer` config section:
 
     optimizer:
-      name: adamw            # a key of OPTIMIZERS
+      name: adamw            # a key of OPTIMIZERS: adamw, adamw8bit, lion, prodigy, adafactor
+                             # (ldm.optim.registry says when to use which)
                              # (the UNet learning rate is model.base_learning_rate; LatentDiffusion
                              #  refuses `lr` here and fills it in)
       text_encoder_lr: null  # text encoder learning rate; null = same as lr
-      weight_decay: 0.01
-      betas: [0.9, 0.999]
-      eps: 1.0e-8
+      text_encoder_stop: null  # stop training the text encoder after this many steps (int) or
+                             #  this fraction of the run (float in (0, 1)); null = never
+      weight_decay: null     # null = the optimizer's own default (AdamW: 0.01)
+      betas: null            # null = the optimizer's own default (AdamW: [0.9, 0.999])
+      eps: null              # null = the optimizer's own default (AdamW: 1e-8)
       args: {}               # further keyword arguments for the optimizer class
       scheduler: constant    # see ldm.optim.schedules
       warmup: 0              # steps (int) or fraction of the run (float in [0, 1))
@@ -15,26 +18,27 @@
       power: 1.0             # polynomial only
       min_lr_ratio: 0.0      # floor of the decaying schedules, as a fraction of lr
 
-Each optimizer is a builder in OPTIMIZERS (name -> function). Optimizers from
-optional packages import them through `import_optional`, so a missing package
-ends in an error that names the pip extra to install.
+Each optimizer is a builder in OPTIMIZERS (name -> function, ldm.optim.registry). Optimizers
+from optional packages import them through `import_optional`, so a missing package ends in an
+error that names the pip extra to install.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 from dataclasses import dataclass, field, fields
-from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from ldm.optim.schedules import DEFAULT_KEY, check_schedule, make_scheduler
+from ldm.optim.registry import OPTIMIZERS, import_optional
+from ldm.optim.schedules import DEFAULT_KEY, TEXT_ENCODER, check_schedule, check_text_encoder_stop, make_scheduler
 from ldm.util import ConfigError
 
-PARAM_GROUPS = ("unet", "text_encoder")  # the trainable parts, in param-group order
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "build_optimizer", "build_scheduler", "import_optional"]
+
+PARAM_GROUPS = ("unet", TEXT_ENCODER)  # the trainable parts, in param-group order
 
 
 def _number(value: Any, key: str, *, positive: bool) -> float:
@@ -50,9 +54,10 @@ class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1.0e-6
     text_encoder_lr: float | None = None
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1.0e-8
+    text_encoder_stop: int | float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
     scheduler: str = "constant"
     warmup: int | float = 0
@@ -81,8 +86,8 @@ class OptimizerConfig:
         if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
             raise ConfigError(f"{key}.name: unknown optimizer {name!r}; available: {', '.join(OPTIMIZERS)}")
         te_lr = values["text_encoder_lr"]
-        betas = values["betas"]
-        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+        betas, wd, eps = values["betas"], values["weight_decay"], values["eps"]
+        if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
             raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
         args = values["args"] if values["args"] is not None else {}
@@ -90,13 +95,15 @@ class OptimizerConfig:
             raise ConfigError(f"{key}.args: expected a mapping of keyword arguments, got {args!r}")
         check_schedule(values["scheduler"], values["warmup"], values["num_cycles"], values["power"],
                        values["min_lr_ratio"], key)
+        check_text_encoder_stop(values["text_encoder_stop"], key)
         return cls(
             name=name.lower(),
             lr=_number(values["lr"], f"{key}.lr", positive=True),
             text_encoder_lr=None if te_lr is None else _number(te_lr, f"{key}.text_encoder_lr", positive=True),
-            weight_decay=_number(values["weight_decay"], f"{key}.weight_decay", positive=False),
-            betas=tuple(float(b) for b in betas),
-            eps=_number(values["eps"], f"{key}.eps", positive=True),
+            text_encoder_stop=values["text_encoder_stop"],
+            weight_decay=None if wd is None else _number(wd, f"{key}.weight_decay", positive=False),
+            betas=None if betas is None else tuple(float(b) for b in betas),
+            eps=None if eps is None else _number(eps, f"{key}.eps", positive=True),
             args=dict(args),
             scheduler=values["scheduler"],
             warmup=values["warmup"],
@@ -110,42 +117,6 @@ class OptimizerConfig:
         if group == "text_encoder" and self.text_encoder_lr is not None:
             return self.text_encoder_lr
         return self.lr
-
-
-def import_optional(module: str, extra: str, key: str = DEFAULT_KEY) -> ModuleType:
-    """Import the package an optional optimizer needs, or say which pip extra provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{key}.name: this optimizer needs the optional package {module!r} ({e}); "
-                          f"install it with: pip install \"everydream-ldm[{extra}]\"") from e
-
-
-def _checked_args(optimizer_cls: type, cfg: OptimizerConfig, key: str) -> dict[str, Any]:
-    """cfg.args, refusing keys that have their own setting or that the class does not take."""
-    own = {"lr", "betas", "eps", "weight_decay"}
-    accepted = set(inspect.signature(optimizer_cls).parameters) - {"self", "params"}
-    for name in cfg.args:
-        if name in own:
-            raise ConfigError(f"{key}.args.{name}: set it as {key}.{name} instead")
-        if name not in accepted:
-            raise ConfigError(f"{key}.args.{name}: not an argument of {optimizer_cls.__name__}; "
-                              f"accepted: {', '.join(sorted(accepted - own))}")
-    return dict(cfg.args)
-
-
-def _adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if device_type == "cuda":
-        kwargs["fused"] = True  # one kernel for all tensors; args.fused: false turns it off
-    kwargs.update(_checked_args(torch.optim.AdamW, cfg, key))
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-Builder = Callable[[list[dict[str, Any]], OptimizerConfig, str, str], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Builder] = {
-    "adamw": _adamw,
-}
 
 
 def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: OptimizerConfig,
@@ -174,5 +145,7 @@ def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: Opt
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int,
                     key: str = DEFAULT_KEY) -> torch.optim.lr_scheduler.LambdaLR:
     """The LambdaLR for `cfg`'s schedule over `total_steps` optimizer steps (step it every step)."""
+    if cfg.text_encoder_stop is not None and not any(g.get("name") == TEXT_ENCODER for g in optimizer.param_groups):
+        rank_zero_warn(f"{key}.text_encoder_stop: the text encoder is not trained, so there is nothing to stop")
     return make_scheduler(optimizer, cfg.scheduler, total_steps, cfg.warmup, cfg.num_cycles, cfg.power,
-                          cfg.min_lr_ratio, key)
+                          cfg.min_lr_ratio, key, text_encoder_stop=cfg.text_encoder_stop)

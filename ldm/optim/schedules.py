@@ -16,6 +16,12 @@ first update). With N = total_steps, W = warm-up steps and r = min_lr_ratio:
 
 `constant_with_warmup` is another name for `constant`: both honour `warmup`.
 The multiplier reaches its final value at s = N and stays there if training runs on.
+
+`text_encoder_stop` (S steps, or a fraction f of the run: S = round(f N), at least 1) ends the
+text encoder's training: the param group named "text_encoder" gets m = 0 from step S on, so it
+is updated on steps 0 .. S-1 only; the other groups keep their schedule. The optimizers of
+ldm.optim.registry then leave it unchanged (AdamW's decoupled weight decay is scaled by lr too).
+A stop at or after step N never takes effect.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ LrLambda = Callable[[int], float]
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEFAULT_KEY = "model.params.optimizer"
+TEXT_ENCODER = "text_encoder"  # the name of the text encoder's param group (build_optimizer)
 
 
 def _is_number(x: object) -> bool:
@@ -58,6 +65,23 @@ def check_schedule(name: str, warmup: int | float = 0, num_cycles: int = 1, powe
         raise ConfigError(f"{key}.power: expected a number > 0, got {power!r}")
     if not _is_number(min_lr_ratio) or not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(f"{key}.min_lr_ratio: expected a number in [0, 1], got {min_lr_ratio!r}")
+
+
+def check_text_encoder_stop(stop: int | float | None, key: str = DEFAULT_KEY) -> None:
+    """`stop` is null, a number of steps (int >= 1) or a fraction of the run (float in (0, 1))."""
+    if stop is None:
+        return
+    if isinstance(stop, bool) or not _is_number(stop) or (isinstance(stop, int) and stop < 1) or (
+            isinstance(stop, float) and not 0.0 < stop < 1.0):
+        raise ConfigError(f"{key}.text_encoder_stop: expected a number of steps (int >= 1), a fraction of the run "
+                          f"(float in (0, 1)) or null (never stop), got {stop!r}")
+
+
+def text_encoder_stop_step(stop: int | float | None, total_steps: int) -> int | None:
+    """The first step on which the text encoder no longer trains: an int is steps, a float a fraction."""
+    if stop is None:
+        return None
+    return max(1, round(stop * total_steps)) if isinstance(stop, float) else stop
 
 
 def warmup_steps(warmup: int | float, total_steps: int, key: str = DEFAULT_KEY) -> int:
@@ -104,12 +128,23 @@ def make_lr_lambda(name: str, total_steps: int, warmup: int | float = 0, num_cyc
     return lr_lambda
 
 
+def stopped_at(lr_lambda: LrLambda, stop: int) -> LrLambda:
+    """`lr_lambda` until step `stop`, 0 from then on."""
+    return lambda step: 0.0 if step >= stop else lr_lambda(step)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup: int | float = 0,
                    num_cycles: int = 1, power: float = 1.0, min_lr_ratio: float = 0.0,
-                   key: str = DEFAULT_KEY) -> torch.optim.lr_scheduler.LambdaLR:
+                   key: str = DEFAULT_KEY, text_encoder_stop: int | float | None = None,
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR with the schedule applied to every param group, each from its own base lr.
 
+    With `text_encoder_stop`, the group named "text_encoder" stops there (module docstring).
     Step it once per optimizer step (Lightning: `"interval": "step"`).
     """
     lr_lambda = make_lr_lambda(name, total_steps, warmup, num_cycles, power, min_lr_ratio, key)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda] * len(optimizer.param_groups))
+    check_text_encoder_stop(text_encoder_stop, key)
+    stop = text_encoder_stop_step(text_encoder_stop, total_steps)
+    lambdas = [stopped_at(lr_lambda, stop) if stop is not None and g.get("name") == TEXT_ENCODER else lr_lambda
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

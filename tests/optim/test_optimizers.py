@@ -5,8 +5,8 @@ from torch import nn
 
 from ldm.optim import OPTIMIZERS, OptimizerConfig, build_optimizer, build_scheduler, import_optional
 
-SECTION = dict(name="adamw", lr=1e-6, text_encoder_lr=None, weight_decay=0.01, betas=[0.9, 0.999], eps=1e-8,
-               args={}, scheduler="constant", warmup=0, num_cycles=1, power=1.0)
+SECTION = dict(name="adamw", lr=1e-6, text_encoder_lr=None, text_encoder_stop=None, weight_decay=None, betas=None,
+               eps=None, args={}, scheduler="constant", warmup=0, num_cycles=1, power=1.0, min_lr_ratio=0.0)
 
 
 def parts():
@@ -17,13 +17,14 @@ def parts():
 def test_the_documented_section_parses():
     cfg = OptimizerConfig.from_mapping(SECTION)
     assert cfg == OptimizerConfig()  # the section above is the default
-    assert cfg.betas == (0.9, 0.999)
+    set_ = OptimizerConfig.from_mapping({"weight_decay": 0, "betas": [0.9, 0.99], "eps": 1e-6, "text_encoder_stop": 0.5})
+    assert (set_.weight_decay, set_.betas, set_.eps, set_.text_encoder_stop) == (0.0, (0.9, 0.99), 1e-6, 0.5)
 
 
 def test_omegaconf_section_and_missing_section():
     node = OmegaConf.create({"model": {"params": {"optimizer": {"name": "AdamW", "lr": 2e-6, "warmup": 0.05}}}})
     cfg = OptimizerConfig.from_mapping(node.model.params.optimizer)
-    assert (cfg.name, cfg.lr, cfg.warmup, cfg.weight_decay) == ("adamw", 2e-6, 0.05, 0.01)
+    assert (cfg.name, cfg.lr, cfg.warmup, cfg.weight_decay) == ("adamw", 2e-6, 0.05, None)
     assert OptimizerConfig.from_mapping(None) == OptimizerConfig()
 
 
@@ -42,6 +43,11 @@ def test_omegaconf_section_and_missing_section():
     ({"warmup": 2.0}, "model.params.optimizer.warmup:"),
     ({"num_cycles": 0}, "model.params.optimizer.num_cycles:"),
     ({"power": -1}, "model.params.optimizer.power:"),
+    ({"text_encoder_stop": 0}, "model.params.optimizer.text_encoder_stop:"),
+    ({"text_encoder_stop": 1.0}, "model.params.optimizer.text_encoder_stop:"),
+    ({"text_encoder_stop": -0.5}, "model.params.optimizer.text_encoder_stop:"),
+    ({"text_encoder_stop": "100"}, "model.params.optimizer.text_encoder_stop:"),
+    ({"text_encoder_stop": True}, "model.params.optimizer.text_encoder_stop:"),
 ])
 def test_bad_sections_name_the_key(section, key):
     with pytest.raises(ValueError) as e:
@@ -64,6 +70,14 @@ def test_adamw_with_one_group_per_part():
         assert not g["fused"]  # fused only on CUDA
 
 
+def test_unset_settings_keep_the_optimizers_defaults():
+    unet, _ = parts()
+    opt = build_optimizer({"unet": unet.parameters()}, OptimizerConfig(), "cpu")
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.01)  # torch's AdamW
+    assert opt.built_with == {}  # nothing passed besides params and lr
+
+
 def test_text_encoder_lr_falls_back_to_lr_and_empty_parts_are_skipped():
     unet, text = parts()
     opt = build_optimizer({"unet": unet.parameters(), "text_encoder": text.parameters()},
@@ -80,7 +94,7 @@ def test_text_encoder_lr_falls_back_to_lr_and_empty_parts_are_skipped():
 def test_fused_on_cuda():
     unet, _ = parts()  # torch also has a CPU kernel for fused AdamW, so CPU tensors can stand in
     opt = build_optimizer({"unet": unet.parameters()}, OptimizerConfig(), "cuda")
-    assert opt.param_groups[0]["fused"] is True
+    assert opt.param_groups[0]["fused"] is True and opt.built_with == {"fused": True}
     opt = build_optimizer({"unet": unet.parameters()}, OptimizerConfig(args={"fused": False}), "cuda")
     assert not opt.param_groups[0]["fused"]  # args override the default
 
@@ -131,5 +145,5 @@ def test_optional_packages_name_their_pip_extra():
 
 
 def test_registry_holds_builders_by_lowercase_name():
-    assert set(OPTIMIZERS) == {"adamw"}
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "lion", "prodigy", "adafactor"}
     assert all(callable(b) and name == name.lower() for name, b in OPTIMIZERS.items())

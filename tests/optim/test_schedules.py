@@ -144,3 +144,33 @@ def test_each_param_group_scales_its_own_lr():
         assert unet == pytest.approx(1e-4 * m)
         assert text == pytest.approx(1e-6 * m)
     assert len(sched.lr_lambdas) == 2
+
+
+def _named_sgd(**lrs):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr, "name": name} for name, lr in lrs.items()]
+    return torch.optim.SGD(groups, lr=1.0)
+
+
+@pytest.mark.parametrize("stop, stop_step", [(4, 4), (0.4, 4), (0.01, 1)])  # a fraction: round(f * 10), >= 1
+def test_text_encoder_stop_zeroes_only_the_text_encoder_group(stop, stop_step):
+    opt = _named_sgd(unet=1e-4, text_encoder=1e-5)
+    sched = make_scheduler(opt, "linear", total_steps=10, warmup=2, text_encoder_stop=stop)
+    seen = _run(opt, sched, 10)
+    m = make_lr_lambda("linear", 10, warmup=2)
+    assert [u for u, _ in seen] == pytest.approx([1e-4 * m(s) for s in range(10)])  # the UNet: unaffected
+    assert [t for _, t in seen[:stop_step]] == pytest.approx([1e-5 * m(s) for s in range(stop_step)])
+    assert [t for _, t in seen[stop_step:]] == [0.0] * (10 - stop_step)
+
+
+def test_text_encoder_stop_past_the_end_and_without_a_text_encoder():
+    opt = _named_sgd(unet=1e-4, text_encoder=1e-5)
+    seen = _run(opt, make_scheduler(opt, "constant", total_steps=5, text_encoder_stop=50), 5)
+    assert [t for _, t in seen] == pytest.approx([1e-5] * 5)  # never reached
+    opt = _named_sgd(unet=1e-4)
+    assert [u for (u,) in _run(opt, make_scheduler(opt, "constant", 5, text_encoder_stop=2), 5)] == [1e-4] * 5
+
+
+def test_text_encoder_stop_is_checked():
+    opt = _named_sgd(unet=1e-4, text_encoder=1e-5)
+    with pytest.raises(ValueError, match=r"^model\.params\.optimizer\.text_encoder_stop: expected"):
+        make_scheduler(opt, "constant", 10, text_encoder_stop=1.5)
