@@ -289,9 +289,9 @@ def render_report(d: Mapping[str, Any]) -> str:
                      "(set caption_from_filename: strip_suffix_only to keep the whole name), e.g. "
                      + ", ".join(f"{x['path']} -> {x['caption']!r}" for x in c["cut_at_underscore"]["examples"][:3]))
     if c["long"] is not None and c["long"]["count"]:
+        examples = ", ".join(f"{x['path']} ({x['tokens']} tokens)" for x in c["long"]["examples"][:EXAMPLES])
         lines.append(f"  {c['long']['count']} captions exceed {c['long']['limit']} tokens and will be cut by the "
-                     "text encoder (unless its max_length is 150 or 225), e.g. " + ", ".join(f"{x['path']} ({x['tokens']} tokens)"
-                                                       for x in c["long"]["examples"][:EXAMPLES]))
+                     f"text encoder (unless its max_length is 150 or 225), e.g. {examples}")
     lines.append("  sample captions:")
     lines += [f"    {x['path']}: {x['caption']!r}" + (f" -> e.g. {x['as_trained']!r}" if "as_trained" in x else "")
               for x in c["samples"]]

@@ -163,7 +163,8 @@ def test_plan_report_lists_settings_and_the_kohya_fields(tagged):
     for f in ("flip_p.txt", "shuffle_tags.txt"):
         (tagged / "a" / f).unlink()
     _, plain = dataset(tagged).plan_report(1, 1, token_counter=COUNT)
-    assert plain["kohya"]["fields"]["ss_flip_aug"] == "False" and plain["kohya"]["fields"]["ss_shuffle_caption"] == "False"
+    fields = plain["kohya"]["fields"]
+    assert fields["ss_flip_aug"] == "False" and fields["ss_shuffle_caption"] == "False"
     assert "as_trained" not in json.dumps(plain["captions"])
 
 
