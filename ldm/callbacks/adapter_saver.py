@@ -69,6 +69,7 @@ class AdapterSaver(pl.Callback):
             "v_prediction": pl_module.parameterization == "v",
             "resolution": settings.get("resolution"),
             "clip_skip": getattr(te, "clip_skip", None),
+            "max_token_length": getattr(te, "max_token_length", None),
             "base_model": self.base_model,
             "base_hashes": self.base_hashes(),
             "seed": self.seed,

@@ -57,6 +57,7 @@ def test_an_adapter_run_records_the_data_options(inputs, tmp_path):
     _, meta = read_adapter(run_dir / "adapters" / "opts.safetensors")
     assert (meta["ss_shuffle_caption"], meta["ss_flip_aug"], meta["ss_keep_tokens"]) == ("True", "True", "1")
     assert (meta["ss_caption_dropout_rate"], meta["ss_caption_tag_dropout_rate"]) == ("0.04", "0.1")
+    assert meta["ss_max_token_length"] == "150"
     plan = json.loads((run_dir / "dataset_plan.json").read_text())
     (settings,) = plan["folder_settings"]  # training images only: val_split holds some out
     assert settings == {"folder": "flipped", "images": settings["images"], "flip_p": 0.5, "loss_scale": 2.0}
