@@ -145,7 +145,10 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
                               "again with --actual_resume")
     if args.actual_resume and (resume_ckpt is None or adapter):  # adapter checkpoints lack the frozen base
         path = Path(args.actual_resume.replace("\\", "/"))
-        report = ckpt_io.load_into_model(model, ckpt_io.load_state_dict(path), source=str(path))
+        state_dict = ckpt_io.load_state_dict(path)
+        if hasattr(model, "check_checkpoint"):  # warns where the file looks made for another prediction type
+            model.check_checkpoint(state_dict, source=str(path))
+        report = ckpt_io.load_into_model(model, state_dict, source=str(path))
         say(report.summary())
         if report.ema_from_weights:
             model.reset_ema()

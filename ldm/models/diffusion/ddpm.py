@@ -5,6 +5,10 @@
     t ~ U{0..T-1},  eps ~ N(0, I),  z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps
     loss = || UNet(z_t, t, c) - target ||^2,   target = eps  (or v for parameterization "v")
 
+The objective's options (noise offset, multi-resolution noise, input perturbation, timestep
+range, loss type, min-SNR weighting, zero terminal SNR) are kohya sd-scripts' and are
+defined in ldm.models.diffusion.losses; with their defaults the loss is the one above.
+
 Only the UNet trains by default; the text encoder trains when `cond_stage_trainable`
 is set; the VAE is always frozen. With a `network` section (ldm.modules.adapters) only
 adapter weights train: the UNet, VAE and text encoder are frozen and kept in half
@@ -21,10 +25,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ldm.models.diffusion import schedule
+from ldm.models.diffusion import losses, schedule
 from ldm.modules.adapters.config import PRECISIONS, NetworkConfig
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.ema import LitEma
@@ -67,6 +71,18 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float = 0.9999,
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
+        # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
+        noise_offset: float = 0.0,
+        noise_offset_random_strength: bool = False,
+        multires_noise_iterations: int = 0,
+        multires_noise_discount: float = 0.3,
+        ip_noise_gamma: float = 0.0,
+        min_snr_gamma: float | None = None,
+        zero_terminal_snr: bool = False,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
+        loss_type: str = "l2",
+        huber_c: float = 0.1,
         # Keys the released SD YAMLs carry; they take only the value SD uses.
         conditioning_key: str = "crossattn",
         num_timesteps_cond: int = 1,
@@ -107,7 +123,20 @@ class LatentDiffusion(pl.LightningModule):
             self.cond_stage_model.train()
 
         self.num_timesteps = timesteps
+        self.objective = losses.Objective(
+            num_timesteps=timesteps, noise_offset=noise_offset,
+            noise_offset_random_strength=noise_offset_random_strength,
+            multires_noise_iterations=multires_noise_iterations, multires_noise_discount=multires_noise_discount,
+            ip_noise_gamma=ip_noise_gamma, min_snr_gamma=min_snr_gamma, zero_terminal_snr=zero_terminal_snr,
+            min_timestep=min_timestep, max_timestep=max_timestep, loss_type=loss_type, huber_c=huber_c)
         betas = schedule.make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        if zero_terminal_snr:
+            betas = schedule.rescale_zero_terminal_snr(betas)
+            if parameterization == "eps":
+                rank_zero_warn("model.params.zero_terminal_snr is meant for parameterization: v (Lin et al. 2023): "
+                               "at the last step x_t is pure noise, and an eps prediction there says nothing about "
+                               "x_0 (x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) divides by 0)")
+        self._config_betas = betas  # float64 [T]; the schedule buffers may be overwritten by a loaded file
         for name, value in schedule.schedule_buffers(betas).items():
             self.register_buffer(name, value)
 
@@ -179,18 +208,39 @@ class LatentDiffusion(pl.LightningModule):
         return self.model(x_t, t, context)
 
     def p_losses(self, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample loss [B]: mean squared error between the prediction and its target."""
+                 noise: torch.Tensor | None = None, input_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss [B] between the prediction and its target (eps or v, made from `noise`):
+        `loss_type` averaged over C,H,W, times the min-SNR weight when `min_snr_gamma` is set.
+        `input_noise` (default: `noise`) is the noise that makes x_t (input perturbation)."""
         noise = torch.randn_like(z0) if noise is None else noise
-        pred = self.apply_model(self.q_sample(z0, t, noise), t, context)
-        return F.mse_loss(pred.float(), self.target(z0, t, noise).float(), reduction="none").mean(dim=(1, 2, 3))
+        x_t = self.q_sample(z0, t, noise if input_noise is None else input_noise)
+        pred = self.apply_model(x_t, t, context)
+        obj = self.objective
+        loss = losses.per_sample_loss(pred.float(), self.target(z0, t, noise).float(), obj.loss_type, obj.huber_c)
+        if obj.min_snr_gamma is not None:
+            loss = loss * losses.min_snr_weight(schedule.snr(self.alphas_cumprod, t), obj.min_snr_gamma,
+                                                self.parameterization)
+        return loss
+
+    def training_noise(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t [B], eps [B,C,H,W], the noise that makes x_t [B,C,H,W]) for a training batch of latents,
+        all drawn from the noise stream: t ~ U{min_timestep..max_timestep-1}, eps ~ N(0, I) with
+        offset and multi-resolution noise when set, x_t's noise eps (+ ip_noise_gamma * n)."""
+        obj, g = self.objective, self.noise_rng
+        t = torch.randint(obj.min_timestep, obj.max_timestep, (z0.shape[0],), device=z0.device, generator=g)
+        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=g)
+        if obj.noise_offset:
+            noise = losses.offset_noise(noise, obj.noise_offset, obj.noise_offset_random_strength, g)
+        if obj.multires_noise_iterations:
+            noise = losses.pyramid_noise(noise, obj.multires_noise_iterations, obj.multires_noise_discount, g)
+        input_noise = losses.perturbed_noise(noise, obj.ip_noise_gamma, g) if obj.ip_noise_gamma else noise
+        return t, noise, input_noise
 
     def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         z0 = batch["latent"] if "latent" in batch else self.encode_first_stage(batch["image"])
         context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
-        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device, generator=self.noise_rng)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=self.noise_rng)
-        loss = self.p_losses(z0, context, t, noise)  # [B]
+        t, noise, input_noise = self.training_noise(z0)
+        loss = self.p_losses(z0, context, t, noise, input_noise)  # [B]
         if "loss_weight" in batch:  # regularisation images carry prior_loss_weight
             loss = loss * batch["loss_weight"].to(loss)
         return loss.mean()
@@ -215,13 +265,44 @@ class LatentDiffusion(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
             checkpoint["adapter_only"] = True
 
-    # ---- the frozen base in half precision (adapter runs) ----------------------------
+    # ---- the schedule of the config; the frozen base in half precision (adapter runs) -----
     def setup(self, stage: str) -> None:
+        self._use_config_schedule()
         if self.network_config is None:
             return
         dtype = base_dtype(self.network_config.base_precision, str(self.trainer.precision))
         for part in (self.model, self.first_stage_model, self.cond_stage_model):
             part.to(dtype)
+
+    def _use_config_schedule(self) -> None:
+        """Loading a file (--actual_resume) copies its schedule buffers over the config's; train
+        on the config's schedule (e.g. zero_terminal_snr on a released model's file)."""
+        config = schedule.schedule_buffers(self._config_betas)
+        if torch.allclose(self.alphas_cumprod.detach().cpu(), config["alphas_cumprod"], rtol=1e-5, atol=1e-7):
+            return
+        message = (f"the loaded noise schedule (alphas_cumprod[-1] = {self.alphas_cumprod[-1].item():.3g}) differs "
+                   f"from model.params' (alphas_cumprod[-1] = {config['alphas_cumprod'][-1].item():.3g}, "
+                   f"zero_terminal_snr: {str(self.objective.zero_terminal_snr).lower()}); training uses model.params'")
+        if self.objective.zero_terminal_snr:
+            rank_zero_info(message)  # expected: zero terminal SNR on a released model's file
+        else:
+            rank_zero_warn(message)
+        with torch.no_grad():
+            for name, value in config.items():
+                getattr(self, name).copy_(value)
+
+    def kohya_fields(self) -> dict[str, str]:
+        """kohya's header keys for the objective's options (merged into adapter files' headers)."""
+        return self.objective.kohya_fields()
+
+    def check_checkpoint(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> list[str]:
+        """Warn where `state_dict` looks made for another prediction type or schedule than the
+        config's (checkpoint_warnings); returns the warnings."""
+        found = checkpoint_warnings(state_dict, self.parameterization, image_size=self.image_size,
+                                    zero_terminal_snr=self.objective.zero_terminal_snr, source=source)
+        for message in found:
+            rank_zero_warn(message)
+        return found
 
     def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
         state = checkpoint.get("noise_rng_state")
@@ -251,11 +332,18 @@ class LatentDiffusion(pl.LightningModule):
 
     def fixed_noise_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Per-image loss [B] with the latent (posterior mean), timestep and noise fixed per
-        image (seeded by its path): the same number for the same weights, every time."""
+        image (seeded by its path): the same number for the same weights, every time.
+
+        The same objective as training where it is a definition of the task: the timestep range,
+        loss_type and min-SNR weighting (and the schedule), so val/loss compares with train/loss.
+        The noise is plain N(0, I): offset, multi-resolution noise and input perturbation are
+        random perturbations of training, left out so that val/loss measures the model on the
+        forward process itself, comparably across runs with different noise settings."""
         z0 = self.first_stage_model.encode(batch["image"].to(self.device)).mode() * self.scale_factor
         context = self.get_learned_conditioning(batch["caption"])
         gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
-        t = torch.cat([torch.randint(0, self.num_timesteps, (1,), generator=g) for g in gens]).to(self.device)
+        lo, hi = self.objective.min_timestep, self.objective.max_timestep
+        t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]).to(self.device)
         noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
         return self.p_losses(z0, context, t, noise)
 
@@ -291,6 +379,74 @@ class LatentDiffusion(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ---- does a checkpoint look made for the config's prediction type? ----------------------
+_CONTEXT_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # [320, context]
+_IN_CONV_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # [320, in_channels, 3, 3]
+_V_PROBE_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"  # [320]
+_V_PROBE_STD = 0.09
+
+
+def checkpoint_warnings(state_dict: Mapping[str, torch.Tensor], parameterization: str, *,
+                        image_size: int | None = None, zero_terminal_snr: bool = False,
+                        source: str = "checkpoint") -> list[str]:
+    """What a Stable Diffusion file honestly shows about its prediction type and schedule, where it
+    disagrees with the config: a list of messages (empty when nothing is known to disagree).
+
+    A file does not record what its UNet predicts, and SD 2.x's 768-v and 512 base UNets have the
+    same tensors, so only these are checked:
+      * a `v_pred` key (the marker v-prediction fine-tunes carry for ComfyUI) with eps;
+      * SD 1.x (cross-attention context 768) with v: the released SD 1.x models all predict eps;
+      * SD 2.x (context 1024) with 5 or 9 input channels (depth, inpainting) with v: they predict eps;
+      * SD 2.x with 4 input channels: ComfyUI's weight statistic, by which it picks the prediction
+        type of SD 2.x files (std of output_blocks.11's first norm1.bias > 0.09: v), disagreeing
+        with the config; and eps at image_size >= 96 (768 px), where Stability's models predict v;
+      * a zero-terminal-SNR file (alphas_cumprod ending at 0, or a `ztsnr` marker) without
+        zero_terminal_snr: training uses the config's schedule.
+    Other files (the tiny test model, other architectures) get no messages.
+    """
+    found = []
+    marked_v = "v_pred" in state_dict
+    if marked_v and parameterization != "v":
+        found.append(f"{source}: the file carries a 'v_pred' key, which v-prediction fine-tunes write, but "
+                     f"model.params.parameterization is {parameterization}; set parameterization: v")
+    context = state_dict.get(_CONTEXT_KEY)
+    context_dim = context.shape[1] if context is not None and context.ndim == 2 else None
+    conv = state_dict.get(_IN_CONV_KEY)
+    in_channels = conv.shape[1] if conv is not None and conv.ndim == 4 else None
+    if context_dim == 768 and parameterization == "v" and not marked_v:
+        found.append(f"{source}: an SD 1.x checkpoint (768-wide text context) with model.params.parameterization: "
+                     f"v. The released SD 1.x models predict eps; keep v only if this file is a v-prediction "
+                     f"fine-tune (its publisher says so), otherwise set parameterization: eps")
+    if context_dim == 1024 and in_channels not in (None, 4) and parameterization == "v":
+        found.append(f"{source}: an SD 2.x UNet with {in_channels} input channels (depth or inpainting model) with "
+                     f"model.params.parameterization: v; these models predict eps")
+    if context_dim == 1024 and in_channels == 4 and not marked_v:
+        probe = state_dict.get(_V_PROBE_KEY)
+        std = probe.float().std(correction=0).item() if probe is not None and probe.numel() > 1 else None
+        looks = None if std is None else "v" if std > _V_PROBE_STD else "eps"
+        test = f"ComfyUI's weight test (std of {_V_PROBE_KEY} = {std:.3f}, v above {_V_PROBE_STD})" if looks else ""
+        if parameterization == "eps" and looks == "v":
+            found.append(f"{source}: an SD 2.x checkpoint that {test} reads as v-prediction (Stability's 768-v "
+                         f"models), but model.params.parameterization is eps; set parameterization: v "
+                         f"(configs/stable-diffusion/v2-inference-v.yaml) unless you know this file predicts eps")
+        elif parameterization == "eps" and image_size and image_size >= 96:
+            found.append(f"{source}: an SD 2.x checkpoint with model.params.parameterization: eps at image_size "
+                         f"{image_size} ({8 * image_size} px). "
+                         f"Stability's 768 px SD 2.x models predict v (only the 512 px base predicts eps), and "
+                         f"the two have the same tensors" + (f"; {test} reads this one as eps" if test else "")
+                         + ". Set parameterization: v if this is a 768-v model")
+        if parameterization == "v" and looks == "eps":
+            found.append(f"{source}: an SD 2.x checkpoint that {test} reads as eps-prediction (the 512 px base "
+                         f"models), but model.params.parameterization is v; set parameterization: eps "
+                         f"(configs/stable-diffusion/v2-inference.yaml) unless you know this file predicts v")
+    abar = state_dict.get("alphas_cumprod")
+    if not zero_terminal_snr and ("ztsnr" in state_dict or (abar is not None and abar.numel() and abar[-1] == 0)):
+        found.append(f"{source}: the file was trained with a zero-terminal-SNR schedule, but "
+                     f"model.params.zero_terminal_snr is false: training uses the config's schedule, not the "
+                     f"file's; set zero_terminal_snr: true to keep training with zero terminal SNR")
+    return found
 
 
 def base_dtype(base_precision: str, trainer_precision: str) -> torch.dtype:
