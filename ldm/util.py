@@ -91,3 +91,23 @@ def launcher_rank() -> int:
     """This process's global rank as the launcher set it (Lightning sets RANK / LOCAL_RANK in
     the processes it starts for ranks > 0), before or without a process group: 0 otherwise."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def section_values(cls: Any, node: Any, key: str, what: str) -> dict[str, Any]:
+    """A plain config section (`model.params.optimizer`, `...network`) checked against the fields
+    of dataclass `cls`: {field: value}, the defaults filled in; an unknown key is an error
+    naming `key` and the accepted keys."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of {what}, got {type(node).__name__}")
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(node) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {', '.join(map(str, unknown))}; accepted keys: {', '.join(accepted)}")
+    defaults = cls()
+    return {**{name: getattr(defaults, name) for name in accepted}, **node}

@@ -24,17 +24,16 @@ error that names the pip extra to install.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from ldm.optim.registry import OPTIMIZERS, import_optional
 from ldm.optim.schedules import DEFAULT_KEY, TEXT_ENCODER, check_schedule, check_text_encoder_stop, make_scheduler
-from ldm.util import ConfigError
+from ldm.util import ConfigError, section_values
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "build_optimizer", "build_scheduler", "import_optional"]
 
@@ -70,17 +69,7 @@ class OptimizerConfig:
         """Parse and check a config section; every error names `{key}.<setting>`."""
         if node is None:
             return cls()
-        if isinstance(node, DictConfig):
-            node = OmegaConf.to_container(node, resolve=True)
-        if not isinstance(node, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of optimizer settings, got {type(node).__name__}")
-        accepted = [f.name for f in fields(cls)]
-        unknown = sorted(set(node) - set(accepted))
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(map(str, unknown))}; "
-                              f"accepted keys: {', '.join(accepted)}")
-        defaults = cls()
-        values = {**{f.name: getattr(defaults, f.name) for f in fields(cls)}, **node}
+        values = section_values(cls, node, key, "optimizer settings")
 
         name = values["name"]
         if not isinstance(name, str) or name.lower() not in OPTIMIZERS:

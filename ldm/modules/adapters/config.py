@@ -24,14 +24,13 @@ Every key is documented in doc/CONFIG.md; an unknown key is an error naming it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ldm.modules.adapters.modules import ALGOS
-from ldm.util import ConfigError
+from ldm.util import ConfigError, section_values
 
 TARGETS = ("unet", "text_encoder")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -76,16 +75,7 @@ class NetworkConfig:
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any], key: str = "model.params.network") -> NetworkConfig:
-        if isinstance(node, DictConfig):
-            node = OmegaConf.to_container(node, resolve=True)
-        if not isinstance(node, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of adapter settings, got {type(node).__name__}")
-        accepted = [f.name for f in fields(cls)]
-        unknown = sorted(set(node) - set(accepted))
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(map(str, unknown))}; accepted keys: "
-                              f"{', '.join(accepted)}")
-        v = {**{f.name: getattr(cls(), f.name) for f in fields(cls)}, **node}
+        v = section_values(cls, node, key, "adapter settings")
 
         def number(name: str, *, integer: bool = False, low: float = 0.0, high: float | None = None,
                    optional: bool = False, strict_low: bool = False) -> Any:
