@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm import checkpoint as ckpt_io
-from ldm.models.diffusion.ddpm import base_dtype
+from ldm.modules.adapters.config import base_dtype
 from ldm.modules.adapters.files import read_adapter, safetensors_hashes
 from ldm.train import main
 from ldm.util import instantiate_from_config

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ldm import checkpoint as ckpt_io
 from ldm.models.diffusion import losses, schedule
-from ldm.models.diffusion.ddpm import checkpoint_warnings
+from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -156,3 +156,14 @@ class NetworkConfig:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def base_dtype(base_precision: str, trainer_precision: str) -> torch.dtype:
+    """The frozen base's dtype: `auto` follows the trainer's autocast (bf16/fp16), else fp32."""
+    if base_precision != "auto":
+        return PRECISIONS[base_precision]
+    if trainer_precision.startswith("bf16"):
+        return torch.bfloat16
+    if trainer_precision.startswith("16"):
+        return torch.float16
+    return torch.float32
