@@ -183,7 +183,8 @@ def kohya_fields(settings: Mapping[str, Any], train: Sequence[ImageRecord],
     return {"ss_flip_aug": str(flip), "ss_shuffle_caption": str(shuffle),
             "ss_keep_tokens": str(int(settings.get("keep_tokens", 0))),
             "ss_caption_dropout_rate": str(float(settings["conditional_dropout"])),
-            "ss_caption_tag_dropout_rate": str(float(settings.get("tag_dropout", 0.0)))}
+            "ss_caption_tag_dropout_rate": str(float(settings.get("tag_dropout", 0.0))),
+            "ss_random_crop": str(float(settings.get("crop_jitter", 0.0)) > 0), "ss_color_aug": "False"}
 
 
 def _folder_settings(records: Sequence[ImageRecord], planner: EpochPlanner) -> list[dict]:

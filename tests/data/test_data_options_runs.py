@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [ROOT / "tests/configs/tiny.yaml", ROOT / "tests/configs/tiny_run.yaml"]
 OPTIONS = ["data.params.train.params.shuffle_tags=true", "data.params.train.params.keep_tokens=1",
            "data.params.train.params.tag_dropout=0.1", "model.params.cond_stage_config.params.max_length=150",
-           "lightning.trainer.max_epochs=1"]
+           "data.params.train.params.crop_jitter=0.05", "lightning.trainer.max_epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_an_adapter_run_records_the_data_options(inputs, tmp_path):
     assert (meta["ss_shuffle_caption"], meta["ss_flip_aug"], meta["ss_keep_tokens"]) == ("True", "True", "1")
     assert (meta["ss_caption_dropout_rate"], meta["ss_caption_tag_dropout_rate"]) == ("0.04", "0.1")
     assert meta["ss_max_token_length"] == "150"
+    assert (meta["ss_random_crop"], meta["ss_color_aug"]) == ("True", "False")  # crop_jitter is kohya's random crop
     plan = json.loads((run_dir / "dataset_plan.json").read_text())
     (settings,) = plan["folder_settings"]  # training images only: val_split holds some out
     assert settings == {"folder": "flipped", "images": settings["images"], "flip_p": 0.5, "loss_scale": 2.0}
