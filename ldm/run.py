@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from ldm.callbacks.adapter_saver import AdapterSaver
 from ldm.callbacks.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
+from ldm.callbacks.latent_cache import LatentCacheFiller, wants_latent_cache
 from ldm.callbacks.progress import RunProgressBar
 from ldm.callbacks.throughput import Throughput
 from ldm.config import to_plain
@@ -164,6 +165,8 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
         (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, logdir) + [RunProgressBar()]
+    if wants_latent_cache(data):  # cache_latents: encode what the cache lacks before the first step
+        callbacks.append(LatentCacheFiller(batch_size=data.batch_size))
     if adapter:
         callbacks.append(AdapterSaver(logdir, output_name,
                                       base_model=args.actual_resume, seed=args.seed, plan=plan))

@@ -227,8 +227,9 @@ class ImageLogger(pl.Callback):
         self._captions = [" ".join(str(c).split()) for c in batch["caption"][: self.max_images]]
         if "image" in batch:
             self._batch_hw = tuple(batch["image"].shape[-2:])
-        elif "latent" in batch:
-            self._batch_hw = tuple(s * latent_factor(pl_module) for s in batch["latent"].shape[-2:])
+        elif "latent" in batch or "moments" in batch:  # moments: cached VAE posteriors (cache_latents)
+            latent = batch["latent"] if "latent" in batch else batch["moments"]
+            self._batch_hw = tuple(s * latent_factor(pl_module) for s in latent.shape[-2:])
         if trainer.global_step > 0 and trainer.global_step % self.batch_frequency == 0:
             self.log_samples(trainer, pl_module)
 

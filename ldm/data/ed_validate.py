@@ -29,7 +29,7 @@ class EDValidateBatch(BucketDataset):
                  caption_from_filename: str = "first_underscore", background: str = "white",
                  resample: str = "bicubic", bucket_step: int = 64, max_aspect: float = 4.0, min_side: int = 64,
                  caption_extension: str | None = None, caption_fallback: str = "filename",
-                 keep_tokens_separator: str = ""):
+                 keep_tokens_separator: str = "", cache_latents: bool = False, cache_dir: str | None = None):
         _check_common(seed=seed, background=background, resample=resample,
                       caption_from_filename=caption_from_filename)
         buckets = make_buckets(resolution, bucket_step, max_aspect)
@@ -43,7 +43,9 @@ class EDValidateBatch(BucketDataset):
                          "resolution": resolution, "caption_from_filename": caption_from_filename,
                          "background": background, "resample": resample, "bucket_step": bucket_step,
                          "max_aspect": max_aspect, "min_side": min_side, **captions,
-                         "keep_tokens_separator": keep_tokens_separator}
+                         "keep_tokens_separator": keep_tokens_separator, "cache_latents": cache_latents,
+                         "cache_dir": cache_dir}
         self._setup(str(data_root), scan, planner, resample=resample, background=background,
                     crop_jitter=0.0, flip_p=0.0, conditional_dropout=0.0, debug_level=debug_level,
                     captions=CaptionOptions(keep_tokens_separator=keep_tokens_separator))
+        self._setup_cache(cache_latents, cache_dir, crop_jitter=0.0, background=background)

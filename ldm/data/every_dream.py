@@ -64,9 +64,10 @@ def _is_rank_zero() -> bool:
 
 
 def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack images into [B, 3, H, W] and loss weights into float32 [B]; captions and paths
-    stay lists of str."""
-    return {"image": torch.stack([it["image"] for it in items]),
+    """Stack images into [B, 3, H, W] (or cached VAE moments into [B, 2*C, h, w]) and loss
+    weights into float32 [B]; captions and paths stay lists of str."""
+    key = "moments" if "moments" in items[0] else "image"
+    return {key: torch.stack([it[key] for it in items]),
             "caption": [it["caption"] for it in items],
             "path": [it["path"] for it in items],
             "loss_weight": torch.tensor([float(it["loss_weight"]) for it in items], dtype=torch.float32)}
@@ -137,6 +138,36 @@ class BucketDataset(Dataset):
     reg_data_root: str | None = None  # the regularisation folder (EveryDreamBatch only)
     reg_scan: ScanResult | None = None
     prior_loss_weight = 1.0
+    cache_latents = False  # items carry cached VAE moments instead of images (ldm.data.latent_cache)
+    cache_dir: Path | None = None
+    _latent_entries: dict[tuple[int, bool], str] | None = None  # (index, flip) -> entry file, once filled
+
+    def _setup_cache(self, cache_latents: bool, cache_dir: str | None, *, crop_jitter: float, background: str) -> None:
+        """Check the cache keys; the cache is filled at the start of training (LatentCacheFiller)."""
+        from ldm.data.latent_cache import resolve_cache_dir
+
+        if not cache_latents:
+            return
+        if crop_jitter > 0:
+            raise ValueError(f"cache_latents: cannot be used with crop_jitter {crop_jitter}: every sample is "
+                             "cropped differently, so no latent can be reused; set crop_jitter: 0 or cache_latents: false")
+        if background == "random":
+            raise ValueError("cache_latents: cannot be used with background: random (a new colour every sample); "
+                             "use white or black, or cache_latents: false")
+        self.cache_latents = True
+        self.cache_dir = resolve_cache_dir(cache_dir, [self.data_root, self.reg_data_root])
+
+    def cache_entries(self) -> list[tuple[int, bool]]:
+        """Every (record index, flip) that this dataset's samples can show: both flips of an image
+        whose flip_p (config or flip_p.txt) is strictly between 0 and 1."""
+        out = []
+        for i, record in enumerate(self.records):
+            p = _pick(record.settings.flip_p, self.flip_p) if self.augment else 0.0
+            out += [(i, False)] * (p < 1) + [(i, True)] * (p > 0)
+        return out
+
+    def attach_latent_cache(self, entries: Mapping[tuple[int, bool], str]) -> None:
+        self._latent_entries = dict(entries)
 
     def _setup(self, data_root: str, scan: ScanResult, planner: EpochPlanner, *,
                resample: str, background: str, crop_jitter: float, flip_p: float, conditional_dropout: float,
@@ -175,7 +206,10 @@ class BucketDataset(Dataset):
         folder = self.records[index].settings
         flip = self.augment and rng.random() < _pick(folder.flip_p, self.flip_p)
         drop_caption = self.augment and rng.random() < _pick(folder.cond_dropout, self.conditional_dropout)
-        image, index = self._load_with_fallback(index, rng, flip)
+        if self.cache_latents:  # the same draws as loading the image, so both paths train alike
+            image_key, (image, index) = "moments", self._cached_with_fallback(index, rng, flip)
+        else:
+            image_key, (image, index) = "image", self._load_with_fallback(index, rng, flip)
         record = self.records[index]
         if self.augment:  # the caption options draw from a stream of their own
             caption = training_caption(record.caption, drop_caption, self.caption_options(index),
@@ -184,7 +218,7 @@ class BucketDataset(Dataset):
             caption = process_tags(record.caption, CaptionOptions(
                 keep_tokens_separator=self.captions.keep_tokens_separator), None)
         weight = self.prior_loss_weight if self.planner.is_reg(index) else 1.0
-        return {"image": image, "caption": caption, "path": record.path, "bucket": (bucket.width, bucket.height),
+        return {image_key: image, "caption": caption, "path": record.path, "bucket": (bucket.width, bucket.height),
                 "loss_weight": weight * record.settings.loss_scale if self.augment else weight}
 
     def caption_options(self, index: int) -> CaptionOptions:
@@ -215,6 +249,26 @@ class BucketDataset(Dataset):
                 logger.warning("cannot load %s (%s); using another %s image in its place", path, e, bucket)
         raise DatasetError(f"data_root {self.data_root!r}: no image of bucket {bucket} can be loaded any more "
                            f"({len(self.planner.members[bucket])} were found at the scan)")
+
+    def _cached_with_fallback(self, index: int, rng: random.Random, flip: bool) -> tuple[torch.Tensor, int]:
+        """The cached moments of `index` (an image that could not be encoded: another of its bucket)."""
+        from ldm.data.latent_cache import load_moments
+
+        if self._latent_entries is None:
+            raise DatasetError("cache_latents: the latent cache has not been filled; it is filled when training "
+                               "starts (ldm.callbacks.latent_cache.LatentCacheFiller)")
+        bucket = self.planner.bucket_of[index]
+        others = [i for i in self.planner.members[bucket] if i != index]
+        rng.shuffle(others)  # as _load_with_fallback draws
+        for i in [index] + others:
+            entry = self._latent_entries.get((i, flip))
+            if entry is not None:
+                try:
+                    return load_moments(entry), i
+                except (OSError, ValueError) as e:  # removed or damaged since the fill
+                    logger.warning("cannot read the cached latent %s (%s); using another %s image", entry, e, bucket)
+        raise DatasetError(f"cache_latents: no cached latent of bucket {bucket} can be read (data_root "
+                           f"{self.data_root!r}); delete the cache folder {str(self.cache_dir)!r} and start again")
 
     def plan_report(self, world_size: int = 1, epochs: int | None = None, accumulate_grad_batches: int = 1,
                     token_counter: Callable[[str], int] | None = None,
@@ -269,7 +323,8 @@ class EveryDreamBatch(BucketDataset):
                  max_aspect: float = 4.0, min_side: int = 64, caption_extension: str | None = None,
                  caption_fallback: str = "filename", reg_data_root: str | None = None,
                  prior_loss_weight: float = 1.0, shuffle_tags: bool = False, keep_tokens: int = 0,
-                 keep_tokens_separator: str = "", tag_dropout: float = 0.0):
+                 keep_tokens_separator: str = "", tag_dropout: float = 0.0, cache_latents: bool = False,
+                 cache_dir: str | None = None):
         _check_common(seed=seed, background=background, resample=resample,
                       caption_from_filename=caption_from_filename)
         caption_ops = CaptionOptions(shuffle_tags, keep_tokens, keep_tokens_separator, tag_dropout)
@@ -303,10 +358,12 @@ class EveryDreamBatch(BucketDataset):
                          "bucket_step": bucket_step, "max_aspect": max_aspect, "min_side": min_side, **captions,
                          "reg_data_root": reg_data_root, "prior_loss_weight": prior_loss_weight,
                          "shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens,
-                         "keep_tokens_separator": keep_tokens_separator, "tag_dropout": tag_dropout}
+                         "keep_tokens_separator": keep_tokens_separator, "tag_dropout": tag_dropout,
+                         "cache_latents": cache_latents, "cache_dir": cache_dir}
         self._setup(str(data_root), scan, planner, resample=resample, background=background,
                     crop_jitter=crop_jitter, flip_p=flip_p, conditional_dropout=conditional_dropout,
                     debug_level=debug_level, captions=caption_ops)
+        self._setup_cache(cache_latents, cache_dir, crop_jitter=crop_jitter, background=background)
         if planner.plan(0).steps == 0:
             raise DatasetError(f"data_root {data_root!r}: drop_incomplete leaves no full batch of {batch_size} "
                                f"in any bucket ({len(train)} images); lower batch_size or set drop_incomplete: false")

@@ -32,6 +32,7 @@ from ldm.models.diffusion import losses, schedule
 from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
 from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
+from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from ldm.util import instantiate_from_config
@@ -237,8 +238,21 @@ class LatentDiffusion(pl.LightningModule):
         input_noise = losses.perturbed_noise(noise, obj.ip_noise_gamma, g) if obj.ip_noise_gamma else noise
         return t, noise, input_noise
 
+    @torch.no_grad()
+    def batch_latents(self, batch: Mapping[str, Any], mode: bool = False) -> torch.Tensor:
+        """z_0 of a batch: `latent` as given, else drawn from the VAE posterior (its mean with
+        `mode`) of `image`, or of the cached posterior `moments` [B, 2C, h, w] (cache_latents,
+        ldm.data.latent_cache): the same draw from the noise stream as encoding the image."""
+        if "latent" in batch:
+            return batch["latent"]
+        if "moments" not in batch:
+            posterior = self.first_stage_model.encode(batch["image"].to(self.device))
+        else:
+            posterior = DiagonalGaussianDistribution(batch["moments"].to(self.device))
+        return self.scale_factor * (posterior.mode() if mode else posterior.sample(generator=self.noise_rng))
+
     def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        z0 = batch["latent"] if "latent" in batch else self.encode_first_stage(batch["image"])
+        z0 = self.batch_latents(batch)
         context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
         t, noise, input_noise = self.training_noise(z0)
         loss = self.p_losses(z0, context, t, noise, input_noise)  # [B]
@@ -340,7 +354,7 @@ class LatentDiffusion(pl.LightningModule):
         The noise is plain N(0, I): offset, multi-resolution noise and input perturbation are
         random perturbations of training, left out so that val/loss measures the model on the
         forward process itself, comparably across runs with different noise settings."""
-        z0 = self.first_stage_model.encode(batch["image"].to(self.device)).mode() * self.scale_factor
+        z0 = self.batch_latents(batch, mode=True)
         context = self.get_learned_conditioning(batch["caption"])
         gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
         lo, hi = self.objective.min_timestep, self.objective.max_timestep
