@@ -84,6 +84,7 @@ class PruneReport:
     kept: dict[str, int] = field(default_factory=dict)        # state-dict keys written, per group
     dropped: dict[str, int] = field(default_factory=dict)     # state-dict keys left out, per group
     dropped_entries: list[str] = field(default_factory=list)  # Lightning entries left out (optimizer_states, ...)
+    terminal_snr_fixed: bool = False                          # a zero-terminal-SNR schedule made finite
 
     def summary(self) -> str:
         def counts(c: Mapping[str, int]) -> str:
@@ -102,6 +103,9 @@ class PruneReport:
             f"kept keys:    {counts(self.kept)}",
             f"dropped keys: {counts(self.dropped)}",
             f"dropped Lightning state: {', '.join(self.dropped_entries) or 'none'}",
+            *([f"zero-terminal-SNR schedule: the last alphas_cumprod 0 -> {A1111_TERMINAL_ABAR:.3g} (as AUTOMATIC1111's "
+               f"own zero-terminal-SNR mode), so tools that derive noise levels from the file get finite ones"]
+              if self.terminal_snr_fixed else []),
             f"size: {format_size(self.size_before)} -> {format_size(self.size_after)}",
         ])
 
@@ -124,6 +128,29 @@ def _model_weights(top: Mapping[str, Any], path: Path) -> tuple[dict[str, torch.
     if not any(k.startswith(UNET_PREFIX) for k in tensors):
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* weights")
     return tensors, dropped
+
+
+# What AUTOMATIC1111's zero-terminal-SNR mode puts in place of alphas_cumprod[-1] = 0.
+A1111_TERMINAL_ABAR = 4.8973451890853435e-08
+
+
+def finite_terminal_schedule(state_dict: dict[str, torch.Tensor]) -> bool:
+    """A run with zero_terminal_snr saves alphas_cumprod ending at 0, so sigma_T and
+    sqrt_recip_alphas_cumprod are infinite for tools that read the schedule from the file
+    (AUTOMATIC1111 does). Set that last value to AUTOMATIC1111's stand-in and recompute every
+    schedule buffer from the betas; returns whether the schedule was changed."""
+    from ldm.models.diffusion.schedule import schedule_buffers
+
+    abar = state_dict.get("alphas_cumprod")
+    if abar is None or "betas" not in state_dict or abar.numel() < 2 or abar[-1] != 0:
+        return False
+    betas = state_dict["betas"].to(torch.float64).clone()
+    abar_before_last = torch.cumprod(1.0 - betas[:-1], dim=0)[-1]
+    betas[-1] = 1.0 - A1111_TERMINAL_ABAR / abar_before_last
+    for name, value in schedule_buffers(betas).items():
+        if name in state_dict:
+            state_dict[name] = value.to(state_dict[name].dtype)
+    return True
 
 
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike | None = None, *, use_ema: bool = True,
@@ -159,6 +186,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike | None = Non
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
         report.ema = "dropped" if has_ema else "none"
 
+    report.terminal_snr_fixed = finite_terminal_schedule(state_dict)
     save_checkpoint(state_dict, dst, dtype=dtype)
     report.kept = dict(Counter(group_of(k) for k in state_dict))
     report.size_after = dst.stat().st_size

@@ -243,3 +243,22 @@ def test_command_line(ckpt):
     assert f"size: {format_size(ckpt.stat().st_size)} -> {format_size(out.stat().st_size)}" in result.stdout
     assert set(safetensors.torch.load_file(out)) == set(fake_model_weights())
     assert sha256(ckpt) == before
+
+
+def test_a_zero_terminal_snr_schedule_is_made_finite_for_other_tools(tmp_path, capsys):
+    from ldm.models.diffusion import schedule
+    from ldm.prune import A1111_TERMINAL_ABAR, prune_checkpoint
+
+    betas = schedule.rescale_zero_terminal_snr(schedule.make_beta_schedule("linear", 1000, 0.00085, 0.012))
+    buffers = schedule.schedule_buffers(betas)
+    assert buffers["alphas_cumprod"][-1] == 0 and torch.isinf(buffers["sqrt_recip_alphas_cumprod"][-1])
+    src = tmp_path / "ztsnr.ckpt"
+    torch.save({"state_dict": {**fake_model_weights(), **buffers}}, src)
+    report = prune_checkpoint(src, tmp_path / "out.safetensors")
+    assert report.terminal_snr_fixed and "zero-terminal-SNR" in report.summary()
+    out = safetensors.torch.load_file(tmp_path / "out.safetensors")
+    assert all(torch.isfinite(out[name]).all() for name in buffers)
+    assert out["alphas_cumprod"][-1].item() == pytest.approx(A1111_TERMINAL_ABAR, rel=1e-5)
+    assert torch.allclose(out["alphas_cumprod"][:-1], buffers["alphas_cumprod"][:-1], rtol=1e-4)  # the last step moves
+    plain = prune_checkpoint(tmp_path / "out.safetensors", tmp_path / "again.safetensors")
+    assert not plain.terminal_snr_fixed  # a finite schedule is left alone
