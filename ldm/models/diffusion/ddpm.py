@@ -240,9 +240,8 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def batch_latents(self, batch: Mapping[str, Any], mode: bool = False) -> torch.Tensor:
-        """z_0 of a batch: `latent` as given, else drawn from the VAE posterior (its mean with
-        `mode`) of `image`, or of the cached posterior `moments` [B, 2C, h, w] (cache_latents,
-        ldm.data.latent_cache): the same draw from the noise stream as encoding the image."""
+        """z_0: `latent`, else a draw (the mean with `mode`) from the posterior of `image` or of the
+        cached `moments` [B,2C,h,w] (cache_latents; ldm.data.latent_cache): the same noise draws."""
         if "latent" in batch:
             return batch["latent"]
         if "moments" not in batch:
