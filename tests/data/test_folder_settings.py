@@ -155,7 +155,8 @@ def test_plan_report_lists_settings_and_the_kohya_fields(tagged):
     text, d = ds.plan_report(1, 1, token_counter=COUNT)
     json.dumps(d)
     assert d["kohya"]["fields"] == {"ss_flip_aug": "True", "ss_shuffle_caption": "True", "ss_keep_tokens": "1",
-                                    "ss_caption_dropout_rate": "0.05", "ss_caption_tag_dropout_rate": "0.1"}
+                                    "ss_caption_dropout_rate": "0.05", "ss_caption_tag_dropout_rate": "0.1",
+                                    "ss_random_crop": "False", "ss_color_aug": "False"}
     assert {f["folder"]: f["images"] for f in d["folder_settings"]} == {"a": 2, "a/sub": 1}
     assert "Folder settings a (2 images): flip_p 1, loss_scale 2, shuffle_tags True" in text
     assert "b/local.yaml" in text and "not read" in text

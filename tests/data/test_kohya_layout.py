@@ -224,7 +224,8 @@ def test_plan_report_states_the_doubling_and_the_kohya_numbers(kohya):
                           "2_style": {"style": 2, "oil": 1, "painting": 1}},
         "num_train_images": 46, "num_reg_images": 6,
         "fields": {"ss_flip_aug": "False", "ss_shuffle_caption": "False", "ss_keep_tokens": "0",
-                   "ss_caption_dropout_rate": "0.04", "ss_caption_tag_dropout_rate": "0.0"}}
+                   "ss_caption_dropout_rate": "0.04", "ss_caption_tag_dropout_rate": "0.0",
+                   "ss_random_crop": "False", "ss_color_aug": "False"}}
     assert d["settings"]["reg_data_root"] == str(reg) and d["settings"]["caption_fallback"] == "folder"
     plain_text, plain = dataset(img).plan_report(1, 2, token_counter=COUNT)
     assert plain["regularisation"] is None and "doubled" not in plain_text
