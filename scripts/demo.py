@@ -57,7 +57,7 @@ def concept_loss(model, data_root: Path) -> float:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.data.every_dream import collate_batch
+    from ldm.data.batching import collate_batch
     from ldm.util import instantiate_from_config
 
     node = OmegaConf.to_container(OmegaConf.load(CONFIG).data.params.validation)

@@ -38,7 +38,7 @@ def latent_std(vae_ckpt: Path, data: Path, count: int = 2000) -> float:
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.data.every_dream import collate_batch
+    from ldm.data.batching import collate_batch
     from ldm.util import instantiate_from_config
 
     cfg = OmegaConf.load(ROOT / "configs/tiny/model.yaml").model.params

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm import checkpoint as ckpt_io
-from ldm.data.every_dream import collate_batch
+from ldm.data.batching import collate_batch
 from ldm.util import instantiate_from_config
 from scripts.demo import BASE_WEIGHTS, colour_accuracy, load_model
 from scripts.make_shapes import make_shapes

@@ -30,7 +30,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ldm.data.every_dream import BucketDataset, collate_batch
+from ldm.data.batching import collate_batch
+from ldm.data.every_dream import BucketDataset
 from ldm.util import instantiate_from_config
 
 

@@ -1,4 +1,4 @@
-"""EveryDreamBatch: the training dataset over an epoch plan, and its bucket batch sampler.
+"""EveryDreamBatch: the training dataset over an epoch plan (batches: ldm.data.batching).
 
     data:
       target: ldm.data.datamodule...            # passes batch_size; main.py passes data_root
@@ -14,15 +14,15 @@ so every batch, carries `loss_weight`: 1.0 for a training image, `prior_loss_wei
 regularisation image.
 
     loader = DataLoader(ds, batch_sampler=ds.batch_sampler(world_size, rank),
-                        num_workers=8, collate_fn=collate_batch)
+                        num_workers=8, collate_fn=ldm.data.batching.collate_batch)
 
 The sampler yields batches of `(record index, sample seed)` keys, all from one bucket; the
 seed makes flip, crop jitter, caption dropout, tag shuffle and tag dropout and a random
 background reproducible for that (epoch, batch, position), whichever worker loads it.
 Settings files in the folders (folder_settings.py) override flip_p, conditional_dropout and
-the caption options per image, and their `loss_scale` multiplies the item's `loss_weight`. Call `sampler.set_epoch(e)`
-each epoch (Lightning does, through `sampler.sampler`); `state_dict()` / `load_state_dict()` carry (epoch,
-batches_done) for a mid-epoch resume.
+the caption options per image, and their `loss_scale` multiplies the item's `loss_weight`.
+Call `sampler.set_epoch(e)` each epoch (Lightning does, through `sampler.sampler`);
+`state_dict()` / `load_state_dict()` carry (epoch, batches_done) for a mid-epoch resume.
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.utils.data import Dataset
 
+from ldm.data.batching import BucketBatchSampler, distributed_world
 from ldm.data.buckets import make_buckets
 from ldm.data.caption_ops import CaptionOptions, process_tags, training_caption
 from ldm.data.captions import check_filename_mode
@@ -49,86 +50,11 @@ logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # skipped files already reported by this process
 
 
-def distributed_world() -> tuple[int, int]:
-    """(world_size, rank) of the running process group, (1, 0) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 def _is_rank_zero() -> bool:
     """Before the process group exists, the launcher's RANK variable tells (Lightning DDP sets it)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return launcher_rank() == 0
-
-
-def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack images into [B, 3, H, W] (or cached VAE moments into [B, 2*C, h, w]) and loss
-    weights into float32 [B]; captions and paths stay lists of str."""
-    key = "moments" if "moments" in items[0] else "image"
-    return {key: torch.stack([it[key] for it in items]),
-            "caption": [it["caption"] for it in items],
-            "path": [it["path"] for it in items],
-            "loss_weight": torch.tensor([float(it["loss_weight"]) for it in items], dtype=torch.float32)}
-
-
-class BucketBatchSampler:
-    """Batches of one bucket each for one rank, in the order of the epoch plan."""
-
-    def __init__(self, planner: EpochPlanner, world_size: int = 1, rank: int = 0, fixed_epoch: bool = False):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.planner, self.world_size, self.rank = planner, world_size, rank
-        self.fixed_epoch = fixed_epoch  # validation: the same batches every time
-        self.epoch = 0
-        self.batches_done = 0  # batches handed out in the current epoch (counts prefetching)
-        self._resume: tuple[int, int] | None = None  # (epoch, first batch) from load_state_dict
-        self._len = planner.plan(0, world_size).steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = 0 if self.fixed_epoch else int(epoch)
-
-    @property
-    def sampler(self) -> BucketBatchSampler:
-        """Lightning calls `set_epoch` on `loader.sampler` and on `loader.batch_sampler.sampler`,
-        never on the batch sampler itself; this batch sampler is its own sampler, so each
-        epoch gets its own plan."""
-        return self
-
-    def __len__(self) -> int:
-        return self._len  # the same every epoch: the plan's sizes do not depend on the epoch
-
-    def __iter__(self):
-        epoch = self.epoch
-        start = 0
-        if self._resume is not None and self._resume[0] == epoch:
-            start = self._resume[1]
-            self._resume = None
-        self.batches_done = start
-        plan = self.planner.plan(epoch, self.world_size)
-        for k in range(start, plan.steps):
-            g = self.rank + k * self.world_size  # index in the global batch order
-            self.batches_done = k + 1
-            yield [(i, derive_seed(self.planner.seed, "sample", epoch, g, p))
-                   for p, i in enumerate(plan.batches[g].items)]
-
-    def state_dict(self, batches_done: int | None = None) -> dict[str, int]:
-        """The position to save. The training loop should pass the number of batches it
-        finished: `batches_done` counted here runs ahead by the DataLoader's prefetch."""
-        return {"epoch": self.epoch, "batches_done": self.batches_done if batches_done is None else batches_done,
-                "world_size": self.world_size, "steps_per_epoch": self._len}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """The next iteration of epoch `state["epoch"]` starts at batch `batches_done`."""
-        done = int(state["batches_done"])
-        if state.get("world_size", self.world_size) != self.world_size:
-            done = done * int(state["world_size"]) // self.world_size  # same share of the epoch
-            logger.warning("resuming on %d rank(s) from a run on %d: the epoch plan differs, resuming at "
-                           "batch %d of %d", self.world_size, state["world_size"], done, self._len)
-        self.epoch = 0 if self.fixed_epoch else int(state["epoch"])
-        self.batches_done = min(done, self._len)
-        self._resume = (self.epoch, self.batches_done)
 
 
 class BucketDataset(Dataset):

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from image_files import save_image
 from ldm.data.ed_validate import EDValidateBatch
-from ldm.data.every_dream import EveryDreamBatch, collate_batch, dry_run_report
+from ldm.data.batching import collate_batch
+from ldm.data.every_dream import EveryDreamBatch, dry_run_report
 from ldm.data.scan import DatasetError, scan_folder
 from ldm.util import ConfigError, instantiate_from_config
 

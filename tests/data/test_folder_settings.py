@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from image_files import save_image
 from ldm.data.ed_validate import EDValidateBatch
-from ldm.data.every_dream import EveryDreamBatch, collate_batch
+from ldm.data.batching import collate_batch
+from ldm.data.every_dream import EveryDreamBatch
 from ldm.data.folder_settings import FolderSettings, parse_setting
 from ldm.data.scan import DatasetError, scan_folder
 

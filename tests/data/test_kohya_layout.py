@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from image_files import save_image
 from ldm.data.captions import check_fallback, sidecar_extensions, split_sidecar
 from ldm.data.ed_validate import EDValidateBatch
-from ldm.data.every_dream import EveryDreamBatch, collate_batch, dry_run_report
+from ldm.data.batching import collate_batch
+from ldm.data.every_dream import EveryDreamBatch, dry_run_report
 from ldm.data.scan import DatasetError, scan_folder
 
 COUNT = lambda text: len(text.split())  # stand-in token counter

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.ed_validate import EDValidateBatch
-from ldm.data.every_dream import EveryDreamBatch, collate_batch
+from ldm.data.batching import collate_batch
+from ldm.data.every_dream import EveryDreamBatch
 from ldm.data.latent_cache import default_cache_dir, fill, load_moments
 from ldm.train import main
 from ldm.util import instantiate_from_config
