@@ -273,3 +273,17 @@ def test_a_file_may_adapt_layers_beyond_kohya_s_sets(tiny):
         assert net.tensors(torch.float32).keys() == extra.keys()
     finally:
         net.remove()
+
+
+def test_module_dropout_reads_nothing_back_from_the_device(monkeypatch):
+    """The skip decision stays a device tensor: no .item() (a host sync per adapter per step)."""
+    layer = nn.Linear(4, 4)
+    adapter = LoRA(layer, 2, 2.0, module_dropout=0.5)
+    adapter.apply_to(layer)
+    randomise(adapter)
+    adapter.train()
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: (_ for _ in ()).throw(AssertionError("host sync")))
+    adapter.generator = torch.Generator().manual_seed(0)
+    outs = [layer(torch.ones(1, 4)) for _ in range(20)]
+    skipped = sum(torch.equal(o, F.linear(torch.ones(1, 4), layer.weight, layer.bias)) for o in outs)
+    assert 3 <= skipped <= 17  # about half the steps skip the adapter

@@ -95,10 +95,7 @@ class Adapter(nn.Module):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = base_forward(x)
-            if self.multiplier == 0 or (self.training and self.module_dropout > 0
-                                        and self._uniform(x) < self.module_dropout):
-                return y
-            return y + (self.delta(x) * self.multiplier).to(y.dtype)
+            return y if self.multiplier == 0 else y + self.scaled_delta(x).to(y.dtype)
 
         base.forward = forward
 
@@ -108,9 +105,17 @@ class Adapter(nn.Module):
             base.__dict__.pop("forward", None)
         self._base = []
 
+    def scaled_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier · (x ⊛ ΔW), zeroed for the step when module dropout skips the adapter. The
+        skip is a 0-dim mask on the device rather than a Python branch: deciding on the host
+        would read a GPU value back once per adapter per step."""
+        out = self.delta(x) * self.multiplier
+        if self.training and self.module_dropout > 0:
+            keep = torch.rand((), generator=self._gen(x), device=x.device) >= self.module_dropout
+            out = out * keep.to(out.dtype)
+        return out
+
     # ---- random draws ----------------------------------------------------------------
-    def _uniform(self, like: torch.Tensor) -> float:
-        return torch.rand((), generator=self._gen(like), device=like.device).item()
 
     def _keep_mask(self, shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
         """Bernoulli(1-p) mask / (1-p), in `like`'s dtype and device."""

@@ -89,9 +89,7 @@ def unpatch_attention(mha: nn.MultiheadAttention) -> None:
 
 
 def _delta(adapter: nn.Module | None, x: torch.Tensor, d: int) -> torch.Tensor:
-    """multiplier · (x ⊛ ΔW) [B, L, d]; zeros when the adapter is absent, off, or skipped by
-    module dropout this step."""
-    if adapter is None or adapter.multiplier == 0 or (
-            adapter.training and adapter.module_dropout > 0 and adapter._uniform(x) < adapter.module_dropout):
+    """multiplier · (x ⊛ ΔW) [B, L, d] (Adapter.scaled_delta); zeros without an adapter or when off."""
+    if adapter is None or adapter.multiplier == 0:
         return x.new_zeros(*x.shape[:-1], d)
-    return (adapter.delta(x) * adapter.multiplier).to(x.dtype)
+    return adapter.scaled_delta(x).to(x.dtype)
