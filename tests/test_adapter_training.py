@@ -92,6 +92,7 @@ def test_adapter_header_is_kohya_s(lora_run, inputs):
 def test_checkpoints_hold_the_adapter_only(lora_run, inputs):
     ckpt = ckpt_io.load_checkpoint_file(lora_run / "checkpoints" / "last.ckpt")
     assert ckpt["adapter_only"] is True
+    assert {"noise_rng_state", "host_rng_state"} <= set(ckpt)  # both random streams resume
     assert ckpt["state_dict"] and all(k.startswith("network.") for k in ckpt["state_dict"])
     adapter = read_adapter(lora_run / "adapters" / "meebs.safetensors")[0]
     assert {k[len("network."):] for k in ckpt["state_dict"]} == set(adapter)

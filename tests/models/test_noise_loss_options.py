@@ -471,3 +471,20 @@ def test_an_adapter_run_writes_the_options_into_its_header(inputs, tmp_path):
         "ss_huber_schedule": "constant", "ss_huber_c": "0.2"}
     assert meta["modelspec.timestep_range"] == "100,900"
     assert meta["modelspec.prediction_type"] == "v"
+
+
+def test_multires_ratios_come_from_the_host_generator_when_given():
+    """On a GPU the level ratios (they set tensor sizes) are drawn on the host, from the model's
+    CPU stream, so nothing is read back from the device; the noise itself stays on `generator`."""
+    eps = torch.randn(2, 4, 16, 16, generator=stream())
+    with_host = losses.pyramid_noise(eps, 3, 0.3, stream(5), ratio_generator=stream(9))
+    g, host = stream(5), stream(9)
+    ratios = [2 + 2 * r for r in torch.rand(3, generator=host, dtype=torch.float64).tolist()]
+    total = eps.clone()
+    for i, r in enumerate(ratios):
+        size = (max(1, math.floor(16 / r**i)), max(1, math.floor(16 / r**i)))
+        total += torch.nn.Upsample(size=(16, 16), mode="bilinear")(torch.randn(2, 4, *size, generator=g)) * 0.3**i
+        if 1 in size:
+            break
+    assert torch.allclose(with_host, total / total.std(), atol=1e-6)
+    assert not torch.allclose(with_host, losses.pyramid_noise(eps, 3, 0.3, stream(5)), atol=1e-3)

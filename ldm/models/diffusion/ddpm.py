@@ -109,7 +109,8 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = 1.0e-4  # set by the trainer from model.base_learning_rate
         self._loss_smooth: torch.Tensor | None = None
         self.noise_rng: torch.Generator | None = None  # made at fit start; None: the global RNG
-        self._noise_rng_state: torch.Tensor | None = None
+        self.host_rng: torch.Generator | None = None   # CPU draws that set shapes (pyramid noise)
+        self._pending_rng: dict[str, torch.Tensor] = {}  # saved states, applied when fit starts
         if optimizer is not None and "lr" in optimizer:
             raise ValueError("model.params.optimizer.lr: the learning rate is model.base_learning_rate")
         self.optimizer_config = OptimizerConfig.from_mapping(optimizer, key="model.params.optimizer")
@@ -234,7 +235,8 @@ class LatentDiffusion(pl.LightningModule):
         if obj.noise_offset:
             noise = losses.offset_noise(noise, obj.noise_offset, obj.noise_offset_random_strength, g)
         if obj.multires_noise_iterations:
-            noise = losses.pyramid_noise(noise, obj.multires_noise_iterations, obj.multires_noise_discount, g)
+            noise = losses.pyramid_noise(noise, obj.multires_noise_iterations, obj.multires_noise_discount, g,
+                                         ratio_generator=self.host_rng)
         input_noise = losses.perturbed_noise(noise, obj.ip_noise_gamma, g) if obj.ip_noise_gamma else noise
         return t, noise, input_noise
 
@@ -265,16 +267,17 @@ class LatentDiffusion(pl.LightningModule):
     # draws exactly what the uninterrupted one would have (the global RNG is also drawn
     # from by DataLoaders and libraries, and Lightning does not save it).
     def on_fit_start(self) -> None:
-        self.noise_rng = torch.Generator(device=self.device).manual_seed(torch.initial_seed() + self.global_rank)
-        if self._noise_rng_state is not None:
-            self.noise_rng.set_state(self._noise_rng_state)
-            self._noise_rng_state = None
+        seed = torch.initial_seed() + self.global_rank
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.host_rng = torch.Generator().manual_seed(seed)  # reading draws back from a GPU would sync
+        self._apply_rng_states()
         if self.network_config is not None:
             self.network.set_generator(self.noise_rng)  # dropout draws: part of the saved stream
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.noise_rng is not None:
             checkpoint["noise_rng_state"] = self.noise_rng.get_state()
+            checkpoint["host_rng_state"] = self.host_rng.get_state()
         if self.network_config is not None:  # the frozen base comes from --actual_resume again
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
             checkpoint["adapter_only"] = True
@@ -319,11 +322,14 @@ class LatentDiffusion(pl.LightningModule):
         return found
 
     def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
-        state = checkpoint.get("noise_rng_state")
-        if state is not None and self.noise_rng is not None:
-            self.noise_rng.set_state(state)
-        else:
-            self._noise_rng_state = state  # applied when fit starts
+        self._pending_rng = {k: checkpoint[k] for k in ("noise_rng_state", "host_rng_state") if k in checkpoint}
+        if self.noise_rng is not None:
+            self._apply_rng_states()
+
+    def _apply_rng_states(self) -> None:
+        for key, generator in (("noise_rng_state", self.noise_rng), ("host_rng_state", self.host_rng)):
+            if key in self._pending_rng:
+                generator.set_state(self._pending_rng.pop(key))
 
     # ---- Lightning hooks ---------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:

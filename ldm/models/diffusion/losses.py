@@ -44,18 +44,23 @@ def offset_noise(noise: torch.Tensor, offset: float, random_strength: bool = Fal
     return noise + strength * n
 
 
-def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator | None = None,
+                  ratio_generator: torch.Generator | None = None) -> torch.Tensor:
     """Multi-resolution noise: eps plus upsampled noise of ever lower resolution, rescaled to unit std.
 
     Level i (i = 0 .. iterations-1) draws n_i ~ N(0, 1) at (H, W) / r_i^i with r_i ~ U[2, 4)
     (sides floored, at least 1), upsamples it bilinearly to (H, W) and adds discount^i of it;
     level 0 is a second full-resolution draw. The levels stop after the first one that is 1
     pixel high or wide. The sum is divided by its std over the whole batch (as kohya does).
-    Computed in float32, returned in eps's dtype.
+    Computed in float32, returned in eps's dtype. The ratios set tensor sizes, so they are
+    needed on the host: `ratio_generator` (a CPU generator) draws them there without reading
+    anything back from the GPU; without it they come from `generator`.
     """
     B, C, H, W = noise.shape
-    ratios = (2 + 2 * torch.rand(iterations, generator=generator, device=noise.device, dtype=torch.float64)).tolist()
+    if ratio_generator is not None:
+        ratios = (2 + 2 * torch.rand(iterations, generator=ratio_generator, dtype=torch.float64)).tolist()
+    else:
+        ratios = (2 + 2 * torch.rand(iterations, generator=generator, device=noise.device, dtype=torch.float64)).tolist()
     out = noise.float()
     for i, r in enumerate(ratios):
         h, w = max(1, int(H / r**i)), max(1, int(W / r**i))
