@@ -14,6 +14,7 @@ from ldm.modules.adapters.config import base_dtype
 from ldm.modules.adapters.files import read_adapter, safetensors_hashes
 from ldm.train import main
 from ldm.util import instantiate_from_config
+from run_folders import stopped_at
 from scripts.make_shapes import make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +105,9 @@ def test_checkpoints_hold_the_adapter_only(lora_run, inputs):
 
 @pytest.mark.slow
 def test_resuming_an_adapter_run_ends_with_the_same_adapter(lora_run, tmp_path):
-    copy = tmp_path / lora_run.name
-    shutil.copytree(lora_run / "configs", copy / "configs")
-    (copy / "checkpoints").mkdir()
-    shutil.copy(lora_run / "checkpoints" / "epoch=00-step=00005.ckpt", copy / "checkpoints")
-    assert run("-r", copy / "checkpoints" / "epoch=00-step=00005.ckpt") == 0  # the base comes from the saved flag
+    ckpt = stopped_at(lora_run, "epoch=00-step=00005.ckpt", tmp_path)
+    copy = ckpt.parent.parent
+    assert run("-r", ckpt) == 0  # the base comes from the saved flag
     resumed = read_adapter(copy / "adapters" / "meebs.safetensors")[0]
     straight = read_adapter(lora_run / "adapters" / "meebs.safetensors")[0]
     assert resumed.keys() == straight.keys()

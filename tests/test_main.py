@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from ldm import checkpoint as ckpt_io
 from ldm.prune import prune_checkpoint
 from ldm.train import main, resolve_resume
 from ldm.util import ConfigError
+from run_folders import stopped_at
 from scripts.make_shapes import make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +109,9 @@ def test_pruned_run_checkpoint_loads_into_the_model(finished_run, tmp_path):
 @pytest.mark.slow
 def test_resume_mid_epoch_ends_with_the_same_weights(finished_run, tmp_path):
     """Resume from step 3 (mid epoch 0) in a copy of the run folder: bitwise the same end."""
-    copy = tmp_path / finished_run.name
-    shutil.copytree(finished_run / "configs", copy / "configs")
-    (copy / "checkpoints").mkdir()
-    shutil.copy(finished_run / "checkpoints" / "epoch=00-step=00003.ckpt", copy / "checkpoints")
-    assert run_main("-r", copy / "checkpoints" / "epoch=00-step=00003.ckpt") == 0
+    ckpt = stopped_at(finished_run, "epoch=00-step=00003.ckpt", tmp_path)
+    copy = ckpt.parent.parent
+    assert run_main("-r", ckpt) == 0
     resumed, straight = weights(copy / "checkpoints" / "last.ckpt"), weights(finished_run / "checkpoints" / "last.ckpt")
     assert resumed.keys() == straight.keys()
     different = [k for k in straight if not torch.equal(resumed[k], straight[k])]

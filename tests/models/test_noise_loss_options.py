@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from ldm import checkpoint as ckpt_io
 from ldm.models.diffusion import losses, schedule
-from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
-from ldm.util import instantiate_from_config
+from tiny_objective import build, stream
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests/configs/tiny.yaml"
@@ -24,24 +22,12 @@ NEUTRAL = dict(noise_offset=0.0, noise_offset_random_strength=False, multires_no
                min_timestep=0, max_timestep=1000, loss_type="l2", huber_c=0.1)
 
 
-def build(**overrides):
-    cfg = OmegaConf.load(TINY).model
-    for k, v in overrides.items():
-        cfg.params[k] = v
-    torch.manual_seed(0)  # the same weights for every build
-    return instantiate_from_config({"target": cfg.target, "params": cfg.params}, path="model")
-
-
 def latents(b=2, seed=0):
     return torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def batch(b=2):
     return {"latent": latents(b), "caption": ["a red circle", "a blue square", "a dot", "a line"][:b]}
-
-
-def stream(seed=1):
-    return torch.Generator().manual_seed(seed)
 
 
 def sd_abar(T=1000, start=0.00085, end=0.0120):
@@ -187,6 +173,23 @@ def test_multires_noise_has_more_low_frequency_energy():
     assert white < 2e-3
     assert losses.pyramid_noise(eps, 6, 0.3, stream(2)).mean(dim=(2, 3)).var().item() > 1.5 * white
     assert losses.pyramid_noise(eps, 6, 0.8, stream(2)).mean(dim=(2, 3)).var().item() > 50 * white
+
+
+def test_multires_ratios_come_from_the_host_generator_when_given():
+    """On a GPU the level ratios (they set tensor sizes) are drawn on the host, from the model's
+    CPU stream, so nothing is read back from the device; the noise itself stays on `generator`."""
+    eps = torch.randn(2, 4, 16, 16, generator=stream())
+    with_host = losses.pyramid_noise(eps, 3, 0.3, stream(5), ratio_generator=stream(9))
+    g, host = stream(5), stream(9)
+    ratios = [2 + 2 * r for r in torch.rand(3, generator=host, dtype=torch.float64).tolist()]
+    total = eps.clone()
+    for i, r in enumerate(ratios):
+        size = (max(1, math.floor(16 / r**i)), max(1, math.floor(16 / r**i)))
+        total += torch.nn.Upsample(size=(16, 16), mode="bilinear")(torch.randn(2, 4, *size, generator=g)) * 0.3**i
+        if 1 in size:
+            break
+    assert torch.allclose(with_host, total / total.std(), atol=1e-6)
+    assert not torch.allclose(with_host, losses.pyramid_noise(eps, 3, 0.3, stream(5)), atol=1e-3)
 
 
 # ---- 3. input perturbation ------------------------------------------------------------------
@@ -365,60 +368,6 @@ def test_kohya_fields_as_kohya_writes_them():
         "ss_huber_schedule": "constant", "ss_huber_c": "0.2", "modelspec.timestep_range": "100,900"}
 
 
-# ---- the checkpoint's prediction type ---------------------------------------------------------------
-CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-
-
-def fake_sd(context_dim, in_channels=4, probe_std=None, **extra):
-    sd = {CONTEXT: torch.zeros(320, context_dim), CONV_IN: torch.zeros(320, in_channels, 3, 3), **extra}
-    if probe_std is not None:
-        x = torch.randn(320, generator=stream())
-        sd[PROBE] = (x - x.mean()) / x.std(correction=0) * probe_std
-    return sd
-
-
-@pytest.mark.parametrize("sd, parameterization, image_size, expect", [
-    (fake_sd(768), "eps", 64, None),
-    (fake_sd(768), "v", 64, "SD 1.x"),
-    (fake_sd(768, v_pred=torch.tensor([])), "v", 64, None),            # a marked v fine-tune
-    (fake_sd(768, v_pred=torch.tensor([])), "eps", 64, "'v_pred'"),
-    (fake_sd(1024, probe_std=0.15), "v", 96, None),                    # 768-v as ComfyUI reads it
-    (fake_sd(1024, probe_std=0.15), "eps", 96, "reads as v"),
-    (fake_sd(1024, probe_std=0.15), "eps", 64, "reads as v"),
-    (fake_sd(1024, probe_std=0.05), "eps", 64, None),                  # the 512 base
-    (fake_sd(1024, probe_std=0.05), "v", 64, "reads as eps"),
-    (fake_sd(1024, probe_std=0.05), "eps", 96, "768 px"),              # base at 768 px, or a 768-v
-    (fake_sd(1024), "eps", 96, "768 px"),                              # no probe: shapes cannot tell
-    (fake_sd(1024), "eps", 64, None),
-    (fake_sd(1024, in_channels=9), "v", 64, "inpainting"),
-    (fake_sd(1024, in_channels=9), "eps", 96, None),
-])
-def test_checkpoint_warnings_report_what_the_file_shows(sd, parameterization, image_size, expect):
-    found = checkpoint_warnings(sd, parameterization, image_size=image_size, source="f.ckpt")
-    if expect is None:
-        assert found == []
-    else:
-        assert len(found) == 1 and expect in found[0] and found[0].startswith("f.ckpt: "), found
-
-
-def test_checkpoint_warnings_about_a_zero_terminal_snr_file():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        file = build(zero_terminal_snr=True, parameterization="v").state_dict()
-    assert any("zero-terminal-SNR" in m for m in checkpoint_warnings(file, "v"))
-    assert checkpoint_warnings(file, "v", zero_terminal_snr=True) == []
-    assert any("zero-terminal-SNR" in m for m in checkpoint_warnings({"ztsnr": torch.tensor([])}, "v"))
-
-
-def test_the_model_warns_through_check_checkpoint():
-    model = build(parameterization="v")
-    assert model.check_checkpoint(build().state_dict()) == []  # the tiny model: nothing to tell
-    with pytest.warns(UserWarning, match="SD 1.x"):
-        assert model.check_checkpoint(fake_sd(768), source="sd15.ckpt")
-
-
 # ---- through main.py: a full fine-tune and an adapter run with the options on ---------------------
 OPTIONS = ["model.params.parameterization=v", "model.params.zero_terminal_snr=true", "model.params.noise_offset=0.06",
            "model.params.multires_noise_iterations=3", "model.params.ip_noise_gamma=0.1",
@@ -471,20 +420,3 @@ def test_an_adapter_run_writes_the_options_into_its_header(inputs, tmp_path):
         "ss_huber_schedule": "constant", "ss_huber_c": "0.2"}
     assert meta["modelspec.timestep_range"] == "100,900"
     assert meta["modelspec.prediction_type"] == "v"
-
-
-def test_multires_ratios_come_from_the_host_generator_when_given():
-    """On a GPU the level ratios (they set tensor sizes) are drawn on the host, from the model's
-    CPU stream, so nothing is read back from the device; the noise itself stays on `generator`."""
-    eps = torch.randn(2, 4, 16, 16, generator=stream())
-    with_host = losses.pyramid_noise(eps, 3, 0.3, stream(5), ratio_generator=stream(9))
-    g, host = stream(5), stream(9)
-    ratios = [2 + 2 * r for r in torch.rand(3, generator=host, dtype=torch.float64).tolist()]
-    total = eps.clone()
-    for i, r in enumerate(ratios):
-        size = (max(1, math.floor(16 / r**i)), max(1, math.floor(16 / r**i)))
-        total += torch.nn.Upsample(size=(16, 16), mode="bilinear")(torch.randn(2, 4, *size, generator=g)) * 0.3**i
-        if 1 in size:
-            break
-    assert torch.allclose(with_host, total / total.std(), atol=1e-6)
-    assert not torch.allclose(with_host, losses.pyramid_noise(eps, 3, 0.3, stream(5)), atol=1e-3)
