@@ -117,6 +117,23 @@ def test_an_adapter_rebuilt_from_its_tensors_is_the_same(make):
     assert torch.allclose(again.delta_weight(), adapter.delta_weight())
 
 
+@pytest.mark.parametrize("make", [lambda l: LoRA(l, 4, 2.0), lambda l: LoHa(l, 4, 2.0)], ids=["lora", "loha"])
+def test_a_loaded_alpha_is_the_one_the_forward_uses(make):
+    """alpha is kept as a Python number for the forward; loading a state dict (a resumed run,
+    another file's tensors) must update it, or the adapter would train at the old scale."""
+    torch.manual_seed(2)
+    layer, x = nn.Linear(24, 40), torch.randn(2, 5, 24)
+    adapter = make(layer)
+    randomise(adapter)
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    state["alpha"] = torch.tensor(0.5)
+    adapter.load_state_dict(state)
+    assert adapter.scale == 0.5 / 4
+    adapter.apply_to(layer)
+    expected = reference(layer, x, loader_delta(state, layer.weight.shape))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_tensor_that_does_not_fit_names_itself():
     layer = nn.Linear(8, 8)
     tensors = dict(LoRA(nn.Linear(8, 16), 4, 4.0).state_dict())

@@ -2,7 +2,7 @@
 
 Each adapter adds a learned ΔW to a frozen Linear or Conv2d weight W [out, in(, kh, kw)]:
 
-    y = base(x) + multiplier * (x ⊛ ΔW)
+    y = base(x) + multiplier * (x ⊛ ΔW)          (one fused add; alpha/r and the multiplier are Python numbers)
 
     LoRA  ΔW = up @ down * alpha/r           down [r, in(, kh, kw)], up [out, r(, 1, 1)]
     LoHa  ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) * alpha/r        w*a [out, r], w*b [r, in·kh·kw]
@@ -51,6 +51,10 @@ class Adapter(nn.Module):
         self.dim = dim
         alpha = dim if alpha is None or alpha == 0 else alpha  # kohya: no alpha means scale 1
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        # alpha as a Python number too: a scale held on the GPU costs a division, a cast and a
+        # multiply per adapter per step (PERFORMANCE.md, adapters: -9% operations per step)
+        self.alpha_value = float(alpha)
+        self.register_load_state_dict_post_hook(_refresh_alpha_value)
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.multiplier = 1.0
         self.generator: torch.Generator | None = None
@@ -66,8 +70,15 @@ class Adapter(nn.Module):
         return math.prod(self.weight_shape[1:])
 
     @property
-    def scale(self) -> torch.Tensor:
-        return self.alpha / self.dim
+    def scale(self) -> float:
+        """alpha / r, the factor the loaders apply to ΔW."""
+        return self.alpha_value / self.dim
+
+    @property
+    def output_factor(self) -> float:
+        """What `delta`'s output is multiplied by: the multiplier, and alpha/r where `delta`
+        leaves it out (LoRA applies it to the output, the other algorithms to ΔW)."""
+        return self.multiplier
 
     # ---- what each algorithm defines ----------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -75,7 +86,8 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """x ⊛ ΔW (dropouts applied while training). The default goes through ΔW."""
+        """x ⊛ ΔW, alpha/r included, multiplier not (dropouts applied while training). The
+        default goes through ΔW."""
         w = self.delta_weight()
         if self.training and self.rank_dropout > 0:
             w = w * self._keep_mask((w.shape[0],) + (1,) * (w.dim() - 1), self.rank_dropout, w)
@@ -95,7 +107,9 @@ class Adapter(nn.Module):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = base_forward(x)
-            return y if self.multiplier == 0 else y + self.scaled_delta(x).to(y.dtype)
+            if self.multiplier == 0:
+                return y
+            return torch.add(y, self._dropped(self.delta(x), x).to(y.dtype), alpha=self.output_factor)
 
         base.forward = forward
 
@@ -106,10 +120,13 @@ class Adapter(nn.Module):
         self._base = []
 
     def scaled_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier · (x ⊛ ΔW), zeroed for the step when module dropout skips the adapter. The
-        skip is a 0-dim mask on the device rather than a Python branch: deciding on the host
-        would read a GPU value back once per adapter per step."""
-        out = self.delta(x) * self.multiplier
+        """multiplier · (x ⊛ ΔW), zeroed for the step when module dropout skips the adapter."""
+        return self._dropped(self.delta(x), x) * self.output_factor
+
+    def _dropped(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out`, zeroed when module dropout skips the adapter for this step. The skip is a 0-dim
+        mask on the device rather than a Python branch: deciding on the host would read a GPU
+        value back once per adapter per step."""
         if self.training and self.module_dropout > 0:
             keep = torch.rand((), generator=self._gen(x), device=x.device) >= self.module_dropout
             out = out * keep.to(out.dtype)
@@ -124,6 +141,11 @@ class Adapter(nn.Module):
 
     def _gen(self, like: torch.Tensor) -> torch.Generator | None:
         return self.generator if self.generator is not None and self.generator.device == like.device else None
+
+
+def _refresh_alpha_value(adapter: Adapter, incompatible_keys) -> None:
+    """After load_state_dict: the Python alpha follows the loaded buffer (read once, not per step)."""
+    adapter.alpha_value = float(adapter.alpha)
 
 
 def _to_param_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -154,15 +176,22 @@ class LoRA(Adapter):
         up = self.lora_up.weight.flatten(1)             # [out, r]
         return (up @ down).reshape(self.weight_shape) * self.scale
 
+    @property
+    def output_factor(self) -> float:
+        return self.multiplier * self.scale
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lora_down(_to_param_dtype(x, self.lora_down.weight))  # [B, r, H, W] or [..., r]
+        """up(down(x)) with the dropouts; alpha/r is in output_factor."""
+        down, up = self.lora_down.weight, self.lora_up.weight  # F.* directly: no module-call overhead
+        x = _to_param_dtype(x, down)
+        h = F.conv2d(x, down, **self.conv_args) if self.is_conv else F.linear(x, down)  # [B, r, H, W] or [..., r]
         if self.training and self.dropout > 0:
             h = h * self._keep_mask(h.shape, self.dropout, h)
         if self.training and self.rank_dropout > 0:
             shape = [h.shape[0]] + [1] * (h.dim() - 1)
             shape[1 if self.is_conv else -1] = self.dim
             h = h * self._keep_mask(tuple(shape), self.rank_dropout, h)
-        return self.lora_up(h) * self.scale.to(h.dtype)
+        return F.conv2d(h, up) if self.is_conv else F.linear(h, up)
 
 
 class LoHa(Adapter):
@@ -225,8 +254,8 @@ class LoKr(Adapter):
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
 
     @property
-    def scale(self) -> torch.Tensor:
-        return self.alpha / self.dim if not self.full_w2 else torch.ones((), device=self.alpha.device)
+    def scale(self) -> float:
+        return self.alpha_value / self.dim if not self.full_w2 else 1.0
 
     def delta_weight(self) -> torch.Tensor:
         w2 = self.lokr_w2.flatten(1) if self.full_w2 else self.lokr_w2_a @ self.lokr_w2_b  # [b, d·kh·kw]
