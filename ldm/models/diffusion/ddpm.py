@@ -34,6 +34,7 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.regional_compile import compile_model
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from ldm.util import instantiate_from_config
 
@@ -73,6 +74,7 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float = 0.9999,
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
+        compile: bool = False,
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
         noise_offset_random_strength: bool = False,
@@ -148,6 +150,10 @@ class LatentDiffusion(pl.LightningModule):
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
 
+        if not isinstance(compile, bool):
+            raise ValueError(f"model.params.compile: expected true or false, got {compile!r}")
+        self.compile_blocks = compile
+        self._compiled = False
         self.network_config: NetworkConfig | None = None
         if network is not None:
             self._add_network(NetworkConfig.from_mapping(network))
@@ -285,11 +291,13 @@ class LatentDiffusion(pl.LightningModule):
     # ---- the schedule of the config; the frozen base in half precision (adapter runs) -----
     def setup(self, stage: str) -> None:
         self._use_config_schedule()
-        if self.network_config is None:
-            return
-        dtype = base_dtype(self.network_config.base_precision, str(self.trainer.precision))
-        for part in (self.model, self.first_stage_model, self.cond_stage_model):
-            part.to(dtype)
+        if self.network_config is not None:
+            dtype = base_dtype(self.network_config.base_precision, str(self.trainer.precision))
+            for part in (self.model, self.first_stage_model, self.cond_stage_model):
+                part.to(dtype)
+        if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
+            rank_zero_info(compile_model(self))
+            self._compiled = True
 
     def _use_config_schedule(self) -> None:
         """Loading a file (--actual_resume) copies its schedule buffers over the config's; train

@@ -72,6 +72,10 @@ class AbstractEncoder(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(texts).to(self.device))
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated transformer layers (what regional compilation compiles)."""
+        raise NotImplementedError
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self(texts)
 
@@ -144,6 +148,9 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         return tokenize_sd1(texts, self.max_length)
 
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.text_model.encoder.layers)
+
     def encode_sequence(self, tokens: torch.LongTensor) -> torch.Tensor:
         """[B, L <= 77] ids -> [B, L, hidden_size]."""
         text_model = self.transformer.text_model
@@ -193,6 +200,9 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
 
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         return tokenize_sd2(texts, self.max_length)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.transformer.resblocks)
 
     def encode_sequence(self, tokens: torch.LongTensor) -> torch.Tensor:
         """[B, L <= 77] ids -> [B, L, width]."""

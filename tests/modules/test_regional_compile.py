@@ -1,0 +1,99 @@
+"""model.params.compile: the UNet's and text encoder's blocks compiled in place give the plain
+path's loss and gradients, keep the state-dict names, and several bucket shapes plus a
+no-grad pass (sampling) fit under the raised recompile limit instead of falling back to eager.
+
+The backend here is aot_eager (eager for the recompile test): the graphs torch.compile
+captures, replayed through autograd without generating kernels (which would take minutes on two CPU cores); what the
+inductor backend does to them is measured on the GPU (doc/PERFORMANCE.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.modules.regional_compile import ENTRIES_PER_BLOCK, compile_model, unet_blocks
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(lora: bool, **params):
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "tests/configs/tiny.yaml"),
+                          OmegaConf.load(ROOT / "tests/configs/tiny_lora.yaml") if lora else {})
+    cfg.model.params.update(params)
+    torch.manual_seed(0)
+    model = instantiate_from_config({"target": cfg.model.target, "params": cfg.model.params})
+    if lora:
+        with torch.no_grad():  # a non-zero ΔW, so the adapters' path shows in the loss
+            for p in model.network.parameters():
+                p.normal_(0, 0.1)
+    return model
+
+
+def step(model, side: int, seed: int = 3):
+    """Loss and trainable gradients of one training step on a batch of 2 at latent side `side`."""
+    g = torch.Generator().manual_seed(seed)
+    model.noise_rng = torch.Generator().manual_seed(seed)
+    batch = {"latent": torch.randn(2, 4, side, side, generator=g),
+             "tokens": model.cond_stage_model.tokenize(["a photo of a dog", "a red cube"])}
+    loss = model.shared_step(batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~40 s: dynamo traces every block
+def test_compiled_blocks_give_the_plain_loss_and_gradients_and_keep_the_names():
+    plain, compiled = tiny(lora=True), tiny(lora=True)  # adapters patch forwards inside the blocks
+    names = list(compiled.state_dict())
+    line = compile_model(compiled, backend="aot_eager")
+    assert "UNet blocks" in line
+    blocks = unet_blocks(compiled.model.diffusion_model) + compiled.cond_stage_model.blocks()
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert list(compiled.state_dict()) == names  # in place: no _orig_mod. in any key
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        loss_c, grads_c = step(compiled, 8)
+    loss_p, grads_p = step(plain, 8)
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
+    assert len(grads_c) == len(grads_p) > 0
+    for a, b in zip(grads_c, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # ~30 s
+def test_new_bucket_shapes_and_sampling_stay_compiled():
+    model = tiny(True)
+    compile_model(model, backend="eager")  # guards and recompiles are dynamo's: no need to trace autograd
+    n = len(unet_blocks(model.model.diffusion_model))
+    assert torch._dynamo.config.recompile_limit >= n * ENTRIES_PER_BLOCK
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for side in (8, 12, 16, 8):  # three buckets; the third shape reuses the dynamic graphs
+            step(model, side)
+        with torch.no_grad():  # what validation and the sample grids do
+            model.model(torch.randn(1, 4, 8, 12), torch.tensor([10]),
+                        model.get_learned_conditioning(["a cat"]))
+
+
+def test_compile_must_be_a_boolean():
+    with pytest.raises(ValueError, match="model.params.compile"):
+        tiny(False, compile="yes")
+
+
+def test_the_config_switch_compiles_at_setup_once():
+    model = tiny(False, compile=True)
+    blocks = unet_blocks(model.model.diffusion_model)
+    assert all(b._compiled_call_impl is None for b in blocks)  # not before the run is set up
+    model.setup("fit")
+    first = [b._compiled_call_impl for b in blocks]
+    assert all(c is not None for c in first)
+    model.setup("validate")  # Lightning sets up again for later stages: not compiled twice
+    assert [b._compiled_call_impl for b in blocks] == first
