@@ -38,7 +38,7 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
     cfg.params.unet_config.params.use_checkpoint = use_checkpoint
     if drop_network and "network" in cfg.params:
         del cfg.params["network"]
-    for key, value in (network or {}).items():
+    for key, value in (network or {}).items() if "network" in cfg.params else ():
         cfg.params.network[key] = value
     with torch.device("cuda"):
         model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
@@ -99,6 +99,37 @@ def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **
     return {**fields, "batch": batch, "img_per_s": round(batch * steps / dt, 2),
             "ms_per_step": round(1000 * dt / steps, 1), "peak_GiB": round(peak / 2**30, 3),
             "peak_incl_warmup_GiB": round(max(peak_all, peak) / 2**30, 3)}
+
+
+def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
+    """Print what takes the GPU's time, then the host's, over `steps` steps (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table
+    print(table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
+    print(table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90), flush=True)  # host side
+
+
+def sync_check(step: Callable[[], None]) -> None:
+    """Run one step (after warm-up) with CUDA sync debugging on: every operation that makes
+    the host wait for the GPU prints a warning with the Python line that called it."""
+    import warnings
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    step()
+    torch.cuda.set_sync_debug_mode("default")
+    print("sync check done", flush=True)
 
 
 def setup_cuda() -> None:

@@ -4,6 +4,9 @@
     python bench/lora_step.py --impl ours --mode lora --batch 1 --ckpt     # with gradient checkpointing
     python bench/lora_step.py --impl ours --mode full --batch 8            # full UNet fine-tune, same loop
     python bench/lora_step.py --impl peer --batch 8                        # diffusers UNet + peft LoRA r16
+    python bench/lora_step.py --impl ours --batch 8 --compile              # model.params.compile: true
+    python bench/lora_step.py --impl ours --batch 8 --profile              # where the GPU time goes
+    python bench/lora_step.py --impl ours --batch 8 --sync_check           # every host-GPU sync in a step
 
 Random weights of the real architectures, 512 px (64x64 latents given, as in the research
 anchors: no VAE encode in the step), 77-token captions, bf16 autocast, fused AdamW. Each
@@ -23,12 +26,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, setup_cuda, time_steps
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, profile, setup_cuda, sync_check, time_steps
+from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
 
 
 def ours(args: argparse.Namespace):
     model = our_model("configs/lora/lora.yaml", args.ckpt, drop_network=args.mode == "full",
-                      network={"dim": args.rank, "alpha": args.rank})  # the peer's rank, scale 1
+                      network={"dim": args.rank, "alpha": args.rank, "targets": args.targets})  # the peer's rank, scale 1
     if args.mode == "lora":  # what LatentDiffusion.setup does under bf16-mixed
         for part in (model.model, model.first_stage_model, model.cond_stage_model):
             part.to(torch.bfloat16)
@@ -39,6 +43,8 @@ def ours(args: argparse.Namespace):
     batch = {"latent": torch.randn(args.batch, 4, 64, 64, device="cuda"), "tokens": tokens,
              "caption": CAPTIONS[: args.batch]}
     step = our_step(model, batch, params, lr=1e-4)
+    if args.compile:
+        compile_model(model)  # model.params.compile: true (regional, in place)
     return step, sum(p.numel() for p in params)
 
 
@@ -61,6 +67,8 @@ def peer(args: argparse.Namespace):
         p.data = p.data.float()  # diffusers' cast_training_params: fp32 trainable weights
     if args.ckpt:
         unet.enable_gradient_checkpointing()
+    if args.compile:
+        unet.compile()
     unet.train()
     ids = torch.randint(0, 49408, (args.batch, 77), device="cuda")
     latents = torch.randn(args.batch, 4, 64, 64, device="cuda")
@@ -91,12 +99,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile (ours: regional, as the config switch)")
+    p.add_argument("--targets", nargs="+", default=["unet", "text_encoder"], help="ours: what the adapters wrap")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print the kernels that take the time instead")
+    p.add_argument("--sync_check", action="store_true", help="print every host-GPU sync of one step instead")
     args = p.parse_args()
     setup_cuda()
     step, trainable = (ours if args.impl == "ours" else peer)(args)
+    if args.profile:
+        return profile(step)
+    if args.sync_check:
+        return sync_check(step)
     emit(time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, mode=args.mode, ckpt=args.ckpt,
+                    compile=args.compile,
                     rank=args.rank, trainable_M=round(trainable / 1e6, 2)))
 
 

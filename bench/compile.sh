@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Does model.params.compile pay? Eager and compiled rows, one process each (doc/PERFORMANCE.md).
+#   bash bench/compile.sh            # all rows; or name some: bash bench/compile.sh lora8 full32
+# A row prints its JSON line, or its last lines of output when it fails or runs out of time.
+set -u
+cd "$(dirname "$0")/.."
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}  # rows share kernels
+row() {  # row NAME TIMEOUT SCRIPT ARGS...
+  local name=$1 limit=$2; shift 2
+  [ ${#ROWS[@]} -eq 0 ] || [[ " ${ROWS[*]} " == *" $name "* ]] || return 0
+  local log; log=$(mktemp)
+  local t0=$SECONDS
+  if timeout "$limit" python "$@" >"$log" 2>&1; then grep '^{' "$log"
+  else echo "{\"row\": \"$name\", \"failed_after_s\": $((SECONDS - t0))}"; grep -v Warning "$log" | tail -15; fi
+  rm -f "$log"
+}
+ROWS=("$@")
+row lora8      300 bench/lora_step.py --impl ours --mode lora --batch 8 --compile
+row full8      300 bench/lora_step.py --impl ours --mode full --batch 8 --compile
+row full32     300 bench/train_step.py --impl ours --batch 32 --compile
+row diffusers32 300 bench/train_step.py --impl diffusers --batch 32 --compile
+row peer8      300 bench/lora_step.py --impl peer --batch 8 --compile
