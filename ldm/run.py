@@ -23,7 +23,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ldm.callbacks.adapter_saver import AdapterSaver
-from ldm.callbacks.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
+from ldm.callbacks.checkpointing import (AtomicCheckpointIO, BackgroundCheckpointIO, InterruptCheckpoint,
+                                         RunCheckpoint)
 from ldm.callbacks.latent_cache import LatentCacheFiller, wants_latent_cache
 from ldm.callbacks.progress import RunProgressBar
 from ldm.callbacks.throughput import Throughput
@@ -96,6 +97,13 @@ def build_callbacks(cfg: DictConfig, logdir: Path) -> list[pl.Callback]:
     if not any(isinstance(cb, Throughput) for cb in callbacks):
         callbacks.append(Throughput())  # always on; a config may set its every_n_steps
     return callbacks
+
+
+def checkpoint_io_for(cfg: DictConfig) -> AtomicCheckpointIO:
+    """Checkpoints are written in the background while training goes on, except with
+    save_last: link, whose link would point at a file still being written if the run died."""
+    link_last = OmegaConf.select(cfg, "lightning.modelcheckpoint.params.save_last", default=True) == "link"
+    return AtomicCheckpointIO() if link_last else BackgroundCheckpointIO()
 
 
 def _accepts(node: Any, key: str) -> bool:
@@ -171,7 +179,7 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
         callbacks.append(AdapterSaver(logdir, output_name,
                                       base_model=args.actual_resume, seed=args.seed, plan=plan))
     trainer = pl.Trainer(**kw, callbacks=callbacks, logger=logger,
-                         default_root_dir=str(logdir), plugins=[AtomicCheckpointIO()],
+                         default_root_dir=str(logdir), plugins=[checkpoint_io_for(cfg)],
                          use_distributed_sampler=False)
     if not args.train:
         say(f"Built the run in {logdir}; pass -t to train.")

@@ -3,6 +3,12 @@
 * `AtomicCheckpointIO` writes every Lightning checkpoint to a temporary file in the
   target folder, fsyncs it and renames it over the target, so a crash or a full
   disk never leaves a truncated `last.ckpt` behind.
+* `BackgroundCheckpointIO` does the same from a writer thread: the checkpoint is first
+  copied to host memory (a point-in-time copy, so training may go on changing the
+  weights), then written while the next steps run. Writes and removals keep their order;
+  a failed write stops the run at the next save, and the end of the run (also after an
+  error or Ctrl-C) waits for every write. Without the host memory for the copy it writes
+  in place, as `AtomicCheckpointIO`.
 * `RunCheckpoint` is Lightning's ModelCheckpoint with `last.ckpt` written at the end of
   training too, whatever the save interval.
 * `InterruptCheckpoint` turns the first Ctrl-C into a stop at the next batch
@@ -15,12 +21,14 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -46,6 +54,102 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         atomic_torch_save(checkpoint, path)
+
+
+class BackgroundCheckpointIO(AtomicCheckpointIO):
+    """Atomic checkpoint writes from one background thread, from a host copy of the state.
+
+    Consecutive saves of the same training state (an epoch's checkpoint and last.ckpt)
+    share the host copy of every tensor that did not change in between, so they cost one
+    copy, not two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, Future]] = []
+        self._copies: dict[tuple, torch.Tensor] = {}  # the latest save's host copies, by tensor identity
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("BackgroundCheckpointIO takes no storage_options")
+        self._collect(wait=False)
+        if not self._pending:
+            self._copies = {}  # host copies live only while a write may still share them
+        if not _host_memory_for(checkpoint, self._copies):
+            self.wait()  # in order: behind every earlier write
+            rank_zero_info(f"{path}: not enough free host memory to copy the checkpoint; writing it in place")
+            self._copies = {}
+            atomic_torch_save(checkpoint, path)
+            return
+        copies: dict[tuple, torch.Tensor] = {}
+        host = apply_to_collection(checkpoint, torch.Tensor, _host_copy, self._copies, copies)
+        self._copies = copies
+        self._submit(str(path), atomic_torch_save, host, path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._submit(str(path), super().remove_checkpoint, path)  # after the writes queued before it
+
+    def wait(self) -> None:
+        """Block until every queued write is done; raise the first failure, naming its file."""
+        self._collect(wait=True)
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._copies = {}
+
+    def _submit(self, path: str, fn: Any, *args: Any) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending.append((path, self._executor.submit(fn, *args)))
+
+    def _collect(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].done()):
+            path, future = self._pending.pop(0)
+            try:
+                future.result()
+            except Exception as e:
+                self._pending.clear()
+                raise RuntimeError(f"could not write checkpoint {path}: {e}") from e
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current contents: its memory, view and in-place version."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+            t._version)
+
+
+def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    key = _tensor_key(t)
+    if key not in copies:
+        copies[key] = previous[key] if key in previous else t.detach().to("cpu", copy=True)
+    return copies[key]
+
+
+def _host_memory_for(checkpoint: dict[str, Any], previous: dict[tuple, torch.Tensor]) -> bool:
+    """Whether the host copy fits in the memory that is free now, with a quarter to spare."""
+    needed = []
+    apply_to_collection(checkpoint, torch.Tensor,
+                        lambda t: needed.append(0 if _tensor_key(t) in previous else t.numel() * t.element_size()))
+    free = _available_host_memory()
+    return free is None or sum(needed) * 1.25 < free
+
+
+def _available_host_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (free memory plus reclaimable cache); None
+    where there is no such file (not Linux): then the copy is attempted."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -101,6 +205,9 @@ class InterruptCheckpoint(pl.Callback):
         path = self.dirpath / f"{kind}-epoch={trainer.current_epoch:02d}-step={trainer.global_step:05d}.ckpt"
         try:
             trainer.save_checkpoint(path, weights_only=False)
+            wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
+            if wait is not None:  # a background writer: the file exists before we say so
+                wait()
         except Exception as e:  # saving what we can must not hide the original error
             rank_zero_warn(f"could not save {path} after {type(exception).__name__}: {e}")
             return
