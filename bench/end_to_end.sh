@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# main.py -t against the bare training step (issue: performance, target 2: >= 90% over 200+ steps).
+#   bash bench/end_to_end.sh [OUTDIR]
+# 50 generated images of 6 aspect ratios (640 px long side: several buckets at 512), file-name
+# captions, 10% held out for validation, 20 repeats, batch 6: 150 steps per epoch, 2 epochs,
+# with validation, a checkpoint and sample grids each epoch (and grids every 250 steps).
+# Then the bare step with the same model, batch and settings (VAE encode in the step, gradient
+# checkpointing as the config has it), and the ratio.
+#   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/e2e}
+base=${E2E_BASE:-configs/stable-diffusion/v1-finetune_everydream.yaml}
+batch=${E2E_BATCH:-6}
+rm -rf "$out/logs"; mkdir -p "$out"
+[ -d "$out/data" ] || python3 scripts/make_shapes.py "$out/data" --count "${E2E_IMAGES:-50}" --size 640 --seed 1 >/dev/null
+# shellcheck disable=SC2086  # E2E_BASE may list several configs
+python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t -n e2e --data_root "$out/data" \
+    -l "$out/logs" >"$out/main.log" 2>&1 || { tail -30 "$out/main.log"; exit 1; }
+run=$(ls -d "$out"/logs/*_e2e | tail -1)
+e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}")
+echo "$e2e"
+[ "${E2E_BARE:-1}" = 0 ] && exit 0
+bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode | grep '^{')
+echo "$bare"
+python3 -c "import json,sys; e,b=(json.loads(s) for s in sys.argv[1:]); print(json.dumps({'main_over_bare': round(e['img_per_s']/b['img_per_s'], 3)}))" "$e2e" "$bare"
