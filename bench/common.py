@@ -46,15 +46,22 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
     return model
 
 
-def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], lr: float) -> Callable[[], None]:
-    """One training step as main.py runs it: shared_step under bf16 autocast, fused AdamW."""
-    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], lr: float,
+             optimizer: dict | None = None) -> Callable[[], None]:
+    """One training step as main.py runs it: shared_step under bf16 autocast, then the optimizer
+    of an `optimizer` config section (default: fused AdamW), stepped with a closure as Lightning does."""
+    from ldm.optim.optimizers import OptimizerConfig, build_optimizer
 
-    def step() -> None:
+    opt = build_optimizer({"unet": params}, OptimizerConfig.from_mapping({**(optimizer or {}), "lr": lr}), "cuda")
+
+    def closure() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.shared_step(batch)
         loss.backward()
-        opt.step()
+        return loss
+
+    def step() -> None:
+        opt.step(closure)
         opt.zero_grad(set_to_none=True)
     return step
 

@@ -4,6 +4,7 @@
     python bench/train_step.py --impl ours --batch 32 --encode        # VAE encode (bf16) in the step
     python bench/train_step.py --impl ours --batch 32 --compile       # model.params.compile: regional
     python bench/train_step.py --impl ours --batch 1 --ckpt           # gradient checkpointing
+    python bench/train_step.py --impl ours --batch 1 --ckpt --low_memory   # the 6 GiB configuration
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -28,6 +29,10 @@ from ldm.modules.regional_compile import compile_model  # noqa: E402 (common put
 
 def ours(args: argparse.Namespace):
     model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", args.ckpt)
+    optimizer = None
+    if args.low_memory:  # unet_precision: bf16, optimizer adamw_bf16 with fused_backward
+        model.model.to(torch.bfloat16)
+        optimizer = {"name": "adamw_bf16", "fused_backward": True}
     params = [p for p in model.model.parameters() if p.requires_grad]
     batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[: args.batch]).cuda(),
              "caption": CAPTIONS[: args.batch]}
@@ -36,7 +41,7 @@ def ours(args: argparse.Namespace):
         batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
     else:
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
-    step = our_step(model, batch, params, lr=1e-5)
+    step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
     return step, lambda: compile_model(model)  # what model.params.compile: true does
 
 
@@ -71,6 +76,8 @@ def main() -> None:
     p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--encode", action="store_true", help="encode 512 px images with the VAE in the step")
+    p.add_argument("--low_memory", action="store_true",
+                   help="ours: bf16 UNet weights, adamw_bf16, steps in the backward pass")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
@@ -82,7 +89,7 @@ def main() -> None:
     if args.compile:
         compile_fn()  # compiled on the first warm-up step
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
-                        compile=args.compile, encode=args.encode)
+                        compile=args.compile, encode=args.encode, low_memory=args.low_memory)
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
                   mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3))
     emit(record)

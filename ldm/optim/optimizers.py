@@ -12,6 +12,8 @@
       betas: null            # null = the optimizer's own default (AdamW: [0.9, 0.999])
       eps: null              # null = the optimizer's own default (AdamW: 1e-8)
       args: {}               # further keyword arguments for the optimizer class
+      fused_backward: false  # step each parameter in the backward pass, freeing its gradient
+                             #  (ldm.optim.low_memory.StepInBackward)
       scheduler: constant    # see ldm.optim.schedules
       warmup: 0              # steps (int) or fraction of the run (float in [0, 1))
       num_cycles: 1          # cosine_with_restarts only
@@ -58,6 +60,7 @@ class OptimizerConfig:
     betas: tuple[float, float] | None = None
     eps: float | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
+    fused_backward: bool = False
     scheduler: str = "constant"
     warmup: int | float = 0
     num_cycles: int = 1
@@ -85,6 +88,11 @@ class OptimizerConfig:
         check_schedule(values["scheduler"], values["warmup"], values["num_cycles"], values["power"],
                        values["min_lr_ratio"], key)
         check_text_encoder_stop(values["text_encoder_stop"], key)
+        if not isinstance(values["fused_backward"], bool):
+            raise ConfigError(f"{key}.fused_backward: expected true or false, got {values['fused_backward']!r}")
+        if values["fused_backward"] and name.lower() == "prodigy":
+            raise ConfigError(f"{key}.fused_backward: prodigy estimates one step size from all parameters "
+                              f"together and cannot step them one by one; use another optimizer or set it false")
         return cls(
             name=name.lower(),
             lr=_number(values["lr"], f"{key}.lr", positive=True),
@@ -94,6 +102,7 @@ class OptimizerConfig:
             betas=None if betas is None else tuple(float(b) for b in betas),
             eps=None if eps is None else _number(eps, f"{key}.eps", positive=True),
             args=dict(args),
+            fused_backward=values["fused_backward"],
             scheduler=values["scheduler"],
             warmup=values["warmup"],
             num_cycles=values["num_cycles"],
@@ -128,6 +137,10 @@ def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: Opt
         raise ValueError("build_optimizer: no trainable parameters (the UNet and text encoder are both frozen)")
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"{key}.name: unknown optimizer {cfg.name!r}; available: {', '.join(OPTIMIZERS)}")
+    if cfg.fused_backward:
+        from ldm.optim.low_memory import StepInBackward
+
+        return StepInBackward(groups, lambda one: OPTIMIZERS[cfg.name](one, cfg, device_type, key))
     return OPTIMIZERS[cfg.name](groups, cfg, device_type, key)
 
 

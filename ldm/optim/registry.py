@@ -8,6 +8,9 @@
     prodigy     prodigyopt's Prodigy (extra `prodigy`): estimates its own step size; lr is a
                 multiplier on that estimate and should stay about 1.0. Only the first param
                 group's lr counts: the others are set to it, with a warning.
+    adamw_bf16  AdamW for weights stored in bf16 (`model.params.unet_precision: bf16`): fp32
+                arithmetic, weights and moments written back with stochastic rounding
+                (ldm.optim.low_memory). 6 bytes per parameter of weights and state instead of 12.
     adafactor   torch.optim.Adafactor (transformers' Adafactor where torch has none): factored
                 second moment, no first moment, the least state. Its step is
                 min(lr, 1/sqrt(t)) x the parameter's RMS (relative step, parameter scaling):
@@ -163,10 +166,17 @@ def _adafactor(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: 
     return _make(Adafactor, groups, _kwargs(Adafactor, cfg, key, own, defaults))
 
 
+def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
+    from ldm.optim.low_memory import AdamWBF16
+
+    return _make(AdamWBF16, groups, _kwargs(AdamWBF16, cfg, key))
+
+
 Builder = Callable[[list[dict[str, Any]], "OptimizerConfig", str, str], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
+    "adamw_bf16": _adamw_bf16,
     "lion": _lion,
     "prodigy": _prodigy,
     "adafactor": _adafactor,

@@ -35,6 +35,7 @@ from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.regional_compile import compile_model
+from ldm.optim.low_memory import check_trainer
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from ldm.util import instantiate_from_config
 
@@ -75,6 +76,7 @@ class LatentDiffusion(pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
         compile: bool = False,
+        unet_precision: str = "fp32",
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
         noise_offset_random_strength: bool = False,
@@ -153,6 +155,7 @@ class LatentDiffusion(pl.LightningModule):
         if not isinstance(compile, bool):
             raise ValueError(f"model.params.compile: expected true or false, got {compile!r}")
         self.compile_blocks = compile
+        self.unet_dtype = _unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
         self._compiled = False
         self.network_config: NetworkConfig | None = None
         if network is not None:
@@ -295,6 +298,8 @@ class LatentDiffusion(pl.LightningModule):
             dtype = base_dtype(self.network_config.base_precision, str(self.trainer.precision))
             for part in (self.model, self.first_stage_model, self.cond_stage_model):
                 part.to(dtype)
+        elif self.unet_dtype != torch.float32:  # weights stored in bf16 (adamw_bf16 keeps them training)
+            self.model.to(self.unet_dtype)
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
             rank_zero_info(compile_model(self))
             self._compiled = True
@@ -403,10 +408,24 @@ class LatentDiffusion(pl.LightningModule):
             groups = {"unet": [p for p in self.model.parameters() if p.requires_grad]}
         if self.cond_stage_trainable:
             groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        if cfg.fused_backward and self._trainer is not None:
+            check_trainer(self.trainer, "model.params.optimizer")
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
+    key = "model.params.unet_precision"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"{key}: expected fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and use_ema:
+        raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false or fp32")
+    if precision == "bf16" and optimizer != "adamw_bf16":
+        rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
+                       f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 # ---- does a checkpoint look made for the config's prediction type? ----------------------

@@ -1,0 +1,140 @@
+"""Two ways to train the full UNet in less memory (doc/PERFORMANCE.md, the 6 GiB target).
+
+`AdamWBF16` (optimizer name `adamw_bf16`): AdamW for weights stored in bf16. Each update is
+computed in fp32 and written back to the bf16 weight, and to its bf16 moments, with
+stochastic rounding: rounded up with probability equal to the fraction cut off, so the
+expected stored value is the exact one. With round-to-nearest, fine-tuning updates (lr 1e-6
+on weights of ~1e-2) are below half a bf16 step (2^-9 relative) and vanish. 2 + 4 bytes per
+parameter instead of fp32 AdamW's 4 + 8, gradients 2 instead of 4. For fp32 parameters it is
+plain AdamW.
+
+`StepInBackward` (`optimizer.fused_backward: true`): one optimizer per parameter, stepped
+from the parameter's post-accumulate-grad hook as soon as its gradient is complete, which
+is then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never exists at once.
+It wraps whichever optimizer the config names and presents one torch Optimizer to Lightning:
+its param groups carry the schedule's learning rates (copied to the per-parameter optimizers
+at each step), its state is theirs (checkpoints save and resume it), and its `step(closure)`
+only runs the closure, whose backward does the steps. Hence no gradient clipping (there is
+never a full gradient to measure), no gradient accumulation, and no fp16 loss scaling.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """dst (bf16) <- src (fp32) rounded stochastically; other dtypes are copied as they are.
+
+    A bf16 number is the top 16 bits of an fp32 one. Adding uniform random bits to the 16
+    that are cut off and truncating rounds away from zero with probability equal to the cut
+    fraction (the sign is a separate bit, so this holds for both signs)."""
+    if dst.dtype != torch.bfloat16:
+        dst.copy_(src)
+        return
+    bits = src.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # -65536 = 0xFFFF0000: exact in bf16
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) with fp32 arithmetic on state kept in the parameter's dtype."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype
+                    state["exp_avg_sq"] = torch.zeros_like(p)    # v
+                state["step"] += 1
+                t = state["step"]
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)                   # m = b1 m + (1-b1) g
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                w = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                stochastic_round_(p, w)
+                stochastic_round_(state["exp_avg"], m)
+                stochastic_round_(state["exp_avg_sq"], v)
+        return loss
+
+
+class StepInBackward(torch.optim.Optimizer):
+    """Per-parameter optimizers stepped from the backward pass (see the module docstring)."""
+
+    HYPER = ("lr", "weight_decay", "betas", "eps")
+
+    def __init__(self, groups: list[dict[str, Any]], make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
+        """`make(groups)` builds the named optimizer over a list of param groups (one here)."""
+        super().__init__(groups, {})
+        self.inner: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        self._hooks = []
+        for group in self.param_groups:
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                opt = make([{**hyper, "params": [p]}])
+                for k in self.HYPER:  # the wrapper's group shows what the optimizer runs with
+                    if k in opt.param_groups[0]:
+                        group.setdefault(k, opt.param_groups[0][k])
+                self.inner[p] = opt
+                self.state[p] = opt.state[p]  # one dict: filled in place by the inner step
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+        self.built_with = getattr(next(iter(self.inner.values())), "built_with", {})
+
+    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+        def step_now(p: torch.Tensor) -> None:
+            opt = self.inner[p]
+            inner_group = opt.param_groups[0]
+            for k in self.HYPER:
+                if k in inner_group:
+                    inner_group[k] = group[k]  # the schedule's current lr
+            opt.step()
+            p.grad = None
+        return step_now
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The steps happen in the closure's backward; only run it."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for p, opt in self.inner.items():
+            opt.state[p] = self.state[p]
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def check_trainer(trainer: Any, key: str) -> None:
+    """Refuse the trainer settings a step in the backward pass cannot honour."""
+    from ldm.util import ConfigError
+
+    if getattr(trainer, "accumulate_grad_batches", 1) > 1:
+        raise ConfigError(f"{key}.fused_backward: each backward pass steps the weights, so gradients cannot be "
+                          f"accumulated over batches; set lightning.trainer.accumulate_grad_batches: 1")
+    if getattr(trainer, "gradient_clip_val", None):
+        raise ConfigError(f"{key}.fused_backward: the gradient is never complete at once, so it cannot be clipped "
+                          f"by its norm; remove lightning.trainer.gradient_clip_val")
+    if str(getattr(trainer, "precision", "")).startswith("16"):
+        raise ConfigError(f"{key}.fused_backward: fp16 loss scaling unscales and checks all gradients before the "
+                          f"step; use precision bf16-mixed")

@@ -1,0 +1,168 @@
+"""adamw_bf16 (stochastic rounding), optimizer steps in the backward pass (fused_backward), and
+bf16 UNet weights, alone and through main.py."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.optim.low_memory import AdamWBF16, StepInBackward, check_trainer, stochastic_round_
+from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from ldm.util import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("x, lo, hi", [(1.0 + 0.3 * 2**-7, 1.0, 1.0 + 2**-7),       # bf16 spacing 2^-7 in [1, 2)
+                                         (-3.0 - 0.7 * 2**-6, -3.0 - 2**-6, -3.0)])  # 2^-6 in [2, 4)
+def test_stochastic_rounding_lands_on_the_two_neighbours_with_the_right_mean(x, lo, hi):
+    src = torch.full((200_000,), x)
+    dst = torch.empty(200_000, dtype=torch.bfloat16)
+    stochastic_round_(dst, src, torch.Generator().manual_seed(0))
+    assert set(dst.float().unique().tolist()) == {lo, hi}
+    assert abs(dst.float().mean().item() - x) < 0.01 * (hi - lo)  # unbiased (the mean's std is 0.001 steps)
+
+
+def test_adamw_bf16_is_adamw_on_fp32_weights():
+    torch.manual_seed(0)
+    a = nn.Linear(8, 4)
+    b = copy.deepcopy(a)
+    opt_a = AdamWBF16(a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(5):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_bf16_keeps_updates_smaller_than_a_bf16_step():
+    """lr 1e-4 on weights of 1.0: each step moves a weight by ~1e-4, under half the bf16 spacing
+    (2^-8 = 3.9e-3) there; plain AdamW on bf16 weights loses every step, adamw_bf16 keeps them."""
+    torch.manual_seed(0)
+    steps, lr = 200, 1e-4
+    moved = {}
+    for name, make in (("sr", lambda p: AdamWBF16([p], lr=lr, weight_decay=0.0)),
+                       ("nearest", lambda p: torch.optim.AdamW([p], lr=lr, weight_decay=0.0, foreach=False))):
+        p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = make(p)
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)  # a constant gradient: Adam's step is lr every time
+            opt.step()
+        moved[name] = (1.0 - p.float()).mean().item()
+    assert moved["nearest"] == 0.0
+    assert moved["sr"] == pytest.approx(steps * lr, rel=0.1)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def run(model: nn.Module, opt: torch.optim.Optimizer, steps: range, sched=None) -> None:
+    for step in steps:
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+
+        def closure():
+            loss = model(x).square().mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_bf16"])
+def test_steps_in_backward_equal_the_usual_step_with_the_schedule_and_free_the_gradients(name):
+    cfg = OptimizerConfig.from_mapping({"name": name, "scheduler": "linear", "warmup": 2})
+    fused_cfg = OptimizerConfig.from_mapping({"name": name, "scheduler": "linear", "warmup": 2, "fused_backward": True})
+    plain, fused = mlp(), mlp()
+    opt = build_optimizer({"unet": plain.parameters()}, cfg, "cpu")
+    fopt = build_optimizer({"unet": fused.parameters()}, fused_cfg, "cpu")
+    assert isinstance(fopt, StepInBackward) and len(fopt.inner) == 4
+    run(plain, opt, range(6), build_scheduler(opt, cfg, 6))
+    run(fused, fopt, range(6), build_scheduler(fopt, fused_cfg, 6))
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert b.grad is None  # freed as soon as it was used
+
+
+def test_steps_in_backward_resume_from_their_state_dict():
+    cfg = OptimizerConfig.from_mapping({"name": "adamw", "fused_backward": True})
+    straight = mlp()
+    opt = build_optimizer({"unet": straight.parameters()}, cfg, "cpu")
+    run(straight, opt, range(5))
+
+    first = mlp()
+    opt1 = build_optimizer({"unet": first.parameters()}, cfg, "cpu")
+    run(first, opt1, range(3))
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt1.state_dict())
+    assert len(saved_opt["state"]) == 4 and "exp_avg" in saved_opt["state"][0]
+    opt1.remove_hooks()
+
+    resumed = mlp()
+    resumed.load_state_dict(saved_model)
+    opt2 = build_optimizer({"unet": resumed.parameters()}, cfg, "cpu")
+    opt2.load_state_dict(saved_opt)
+    run(resumed, opt2, range(3, 5))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_settings_a_step_in_backward_cannot_honour_are_refused():
+    with pytest.raises(ConfigError, match="fused_backward: prodigy"):
+        OptimizerConfig.from_mapping({"name": "prodigy", "fused_backward": True})
+    with pytest.raises(ConfigError, match="fused_backward: expected true or false"):
+        OptimizerConfig.from_mapping({"fused_backward": "yes"})
+
+    class Trainer:
+        accumulate_grad_batches, gradient_clip_val, precision = 1, None, "bf16-mixed"
+    check_trainer(Trainer(), "k")
+    for field, value, message in (("accumulate_grad_batches", 2, "accumulate_grad_batches: 1"),
+                                  ("gradient_clip_val", 1.0, "gradient_clip_val"),
+                                  ("precision", "16-mixed", "bf16-mixed")):
+        t = Trainer()
+        setattr(t, field, value)
+        with pytest.raises(ConfigError, match=message):
+            check_trainer(t, "k")
+
+
+def test_bf16_unet_settings_are_checked():
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model
+    node = {"target": cfg.target, "params": {**cfg.params, "unet_precision": "bf16", "use_ema": True}}
+    with pytest.raises(ValueError, match="unet_precision: an EMA of bf16"):
+        instantiate_from_config(node)
+    node["params"]["unet_precision"] = "fp16"
+    with pytest.raises(ValueError, match="unet_precision: expected fp32 or bf16"):
+        instantiate_from_config(node)
+
+
+@pytest.mark.slow  # a main.py run of the tiny model, ~10 s
+def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
+    from ldm.train import main
+    from scripts.make_shapes import make_shapes
+
+    make_shapes(tmp_path / "shapes", count=6, size=64, seed=0)
+    base = ["--base", str(ROOT / "tests/configs/tiny.yaml"), str(ROOT / "tests/configs/tiny_run.yaml")]
+    opts = ["model.params.unet_precision=bf16", "model.params.optimizer.name=adamw_bf16",
+            "model.params.optimizer.fused_backward=true", "lightning.trainer.precision=bf16-mixed",
+            "lightning.callbacks.image_logger.params.disabled=true", "lightning.trainer.max_epochs=1"]
+    assert main([*base, "-t", "--data_root", str(tmp_path / "shapes"), "-l", str(tmp_path / "logs"), *opts]) == 0
+    (run,) = list((tmp_path / "logs").iterdir())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    unet = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.diffusion_model.")}
+    assert unet and all(v.dtype == torch.bfloat16 for v in unet.values())
+    (state,) = ckpt["optimizer_states"]
+    assert len(state["state"]) == len(unet) and all(s["step"] > 0 for s in state["state"].values())
+    assert main([*base, "-t", "-r", str(run / "checkpoints" / "last.ckpt"), *opts[:-1],
+                 "lightning.trainer.max_epochs=2"]) == 0
