@@ -5,8 +5,8 @@
 set -u
 cd "$(dirname "$0")/.."
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}  # rows share kernels
-row() {  # row NAME TIMEOUT SCRIPT ARGS...
-  local name=$1 limit=$2; shift 2
+row() {  # row NAME TIMEOUT SCRIPT ARGS...  (ROW_LIMIT=<s> overrides every row's timeout)
+  local name=$1 limit=${ROW_LIMIT:-$2}; shift 2
   [ ${#ROWS[@]} -eq 0 ] || [[ " ${ROWS[*]} " == *" $name "* ]] || return 0
   local log; log=$(mktemp)
   local t0=$SECONDS

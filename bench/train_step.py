@@ -30,8 +30,9 @@ from ldm.modules.regional_compile import compile_model  # noqa: E402 (common put
 def ours(args: argparse.Namespace):
     model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", args.ckpt)
     optimizer = None
-    if args.low_memory:  # unet_precision: bf16, optimizer adamw_bf16 with fused_backward
-        model.model.to(torch.bfloat16)
+    if args.low_memory:  # unet_precision: bf16 (frozen VAE and text encoder too), adamw_bf16, fused_backward
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(torch.bfloat16)
         optimizer = {"name": "adamw_bf16", "fused_backward": True}
     params = [p for p in model.model.parameters() if p.requires_grad]
     batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[: args.batch]).cuda(),

@@ -38,6 +38,18 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # -65536 = 0xFFFF0000: exact in bf16
 
 
+CHUNK = 1 << 22  # elements updated at once: the fp32 temporaries of a step stay ~6 x 16 MB
+
+
+def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Matching flat views of same-shape tensors, CHUNK elements each (writes go through).
+    The largest SD 1.x weight has 29.5M elements: its whole-tensor fp32 temporaries were
+    0.8 GiB of the 6 GiB budget (bench/memory_peak.py)."""
+    if not all(x.is_contiguous() for x in tensors):
+        return [tensors]
+    return list(zip(*(x.view(-1).split(CHUNK) for x in tensors)))
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter) with fp32 arithmetic on state kept in the parameter's dtype."""
 
@@ -63,14 +75,15 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
                 t = state["step"]
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - b1)                   # m = b1 m + (1-b1) g
-                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                w = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                stochastic_round_(p, w)
-                stochastic_round_(state["exp_avg"], m)
-                stochastic_round_(state["exp_avg_sq"], v)
+                for w16, g16, m16, v16 in _chunks(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
+                    g = g16.float()
+                    m = m16.float().lerp_(g, 1 - b1)                    # m = b1 m + (1-b1) g
+                    v = v16.float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
+                    denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                    w = w16.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                    stochastic_round_(w16, w)
+                    stochastic_round_(m16, m)
+                    stochastic_round_(v16, v)
         return loss
 
 

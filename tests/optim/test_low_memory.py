@@ -26,7 +26,9 @@ def test_stochastic_rounding_lands_on_the_two_neighbours_with_the_right_mean(x, 
     assert abs(dst.float().mean().item() - x) < 0.01 * (hi - lo)  # unbiased (the mean's std is 0.001 steps)
 
 
-def test_adamw_bf16_is_adamw_on_fp32_weights():
+@pytest.mark.parametrize("chunk", [1 << 22, 5])  # whole tensors; the [4, 8] weight in 7 pieces
+def test_adamw_bf16_is_adamw_on_fp32_weights(chunk, monkeypatch):
+    monkeypatch.setattr("ldm.optim.low_memory.CHUNK", chunk)
     torch.manual_seed(0)
     a = nn.Linear(8, 4)
     b = copy.deepcopy(a)
@@ -162,6 +164,8 @@ def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     unet = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.diffusion_model.")}
     assert unet and all(v.dtype == torch.bfloat16 for v in unet.values())
+    frozen = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("first_stage_model.", "cond_stage_model."))}
+    assert frozen and all(v.dtype == torch.bfloat16 for v in frozen.values() if v.is_floating_point())
     (state,) = ckpt["optimizer_states"]
     assert len(state["state"]) == len(unet) and all(s["step"] > 0 for s in state["state"].values())
     assert main([*base, "-t", "-r", str(run / "checkpoints" / "last.ckpt"), *opts[:-1],
