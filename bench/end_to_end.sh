@@ -18,7 +18,7 @@ rm -rf "$out/logs"; mkdir -p "$out"
 python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t -n e2e --data_root "$out/data" \
     -l "$out/logs" >"$out/main.log" 2>&1 || { tail -30 "$out/main.log"; exit 1; }
 run=$(ls -d "$out"/logs/*_e2e | tail -1)
-e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}")
+e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log")
 echo "$e2e"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
 bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode | grep '^{')

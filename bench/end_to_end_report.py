@@ -1,20 +1,37 @@
 """Images/s of a main.py run over its logged steps, everything between them included
 (data loading, validation, sample grids, checkpoints): from the TensorBoard events' wall times.
 
-    python bench/end_to_end_report.py logs/<stamp>_e2e --batch 6 [--skip 20]
+    python bench/end_to_end_report.py logs/<stamp>_e2e --batch 6 [--skip 20] [--log main.log]
 
 `--skip`: steps left out at the start (cuDNN benchmarking of the first bucket shapes).
 Prints one JSON line. `steady_img_per_s` is the median rate between consecutive logged steps
 (the plain training steps); `pauses` lists the intervals that took over 1.5x the median, with the
-seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`."""
+seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`. With `--log` (the output of a run with `lightning.trainer.profiler:
+simple`), `profile` gives calls and total seconds of the hooks the pauses are made of."""
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+PROFILED = ("save_checkpoint", "ImageLogger.on_train_batch_end", "ImageLogger.on_train_epoch_end",
+            "validation_step", "train_dataloader_next", "optimizer_step", "run_training_epoch")
+
+
+def profile(log: Path) -> dict[str, list[float]]:
+    """{hook: [calls, total seconds]} from the table Lightning's SimpleProfiler prints."""
+    rows = {}
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"[0-9.e-]+", cells[3] or "x"):
+            for name in PROFILED:
+                if cells[0] == name or cells[0].endswith(("." + name, "]" + name)):
+                    rows[name] = [int(cells[2]), round(float(cells[3]), 2)]
+    return rows
 
 
 def main() -> None:
@@ -22,6 +39,7 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--batch", type=int, required=True, help="images per step (data.params.batch_size x GPUs)")
     p.add_argument("--skip", type=int, default=20)
+    p.add_argument("--log", type=Path, help="main.py's output, for the profiler's table")
     args = p.parse_args()
     acc = EventAccumulator(str(args.run))
     acc.Reload()
@@ -40,6 +58,7 @@ def main() -> None:
         "pauses": pauses,
         "checkpoints": len(list((args.run / "checkpoints").glob("*.ckpt"))),
         "sample_grids": len(list((args.run / "images").rglob("*.png"))),
+        **({"profile": profile(args.log)} if args.log else {}),
     }))
 
 
