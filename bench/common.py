@@ -27,7 +27,7 @@ def diffusers_sd15_unet() -> torch.nn.Module:
 
 
 def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
-              network: dict | None = None) -> torch.nn.Module:
+              network: dict | None = None, train_text_encoder: bool = False) -> torch.nn.Module:
     """LatentDiffusion from a config's model section, built directly on the GPU; `network`
     overrides keys of its adapter section, `drop_network` removes it (a full fine-tune)."""
     from omegaconf import OmegaConf
@@ -36,6 +36,7 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
 
     cfg = OmegaConf.load(ROOT / config).model
     cfg.params.unet_config.params.use_checkpoint = use_checkpoint
+    cfg.params.cond_stage_trainable = train_text_encoder
     if drop_network and "network" in cfg.params:
         del cfg.params["network"]
     for key, value in (network or {}).items() if "network" in cfg.params else ():
@@ -63,6 +64,7 @@ def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Paramete
     def step() -> None:
         opt.step(closure)
         opt.zero_grad(set_to_none=True)
+    step.optimizer = opt  # for compile_updates
     return step
 
 

@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--ckpt", action="store_true")
     p.add_argument("--low_memory", action="store_true")
     p.add_argument("--encode", action="store_true")
+    p.add_argument("--text_encoder", action="store_true")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     setup_cuda()

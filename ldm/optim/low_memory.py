@@ -8,6 +8,9 @@ on weights of ~1e-2) are below half a bf16 step (2^-9 relative) and vanish. 2 + 
 parameter instead of fp32 AdamW's 4 + 8, gradients 2 instead of 4. For fp32 parameters it is
 plain AdamW.
 
+With `model.params.compile: true` each update runs as one compiled kernel (`compile_updates`);
+otherwise large weights are updated in chunks, which bounds the fp32 temporaries.
+
 `StepInBackward` (`optimizer.fused_backward: true`): one optimizer per parameter, stepped
 from the parameter's post-accumulate-grad hook as soon as its gradient is complete, which
 is then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never exists at once.
@@ -34,11 +37,27 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
         dst.copy_(src)
         return
     bits = src.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    noise = torch.randint_like(bits, 0, 1 << 16, generator=generator)
     dst.copy_(((bits + noise) & -65536).view(torch.float32))  # -65536 = 0xFFFF0000: exact in bf16
 
 
-CHUNK = 1 << 22  # elements updated at once: the fp32 temporaries of a step stay ~6 x 16 MB
+def adamw_update_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tensor, v16: torch.Tensor, *, lr: float,
+                  b1: float, b2: float, eps: float, wd: float, bc1: float, bc2: float) -> None:
+    """One AdamW step of weight w16 with gradient g16 and moments m16, v16 (same shape and
+    dtype), in fp32, written back in place; bc1, bc2 = 1 - b1^t, 1 - b2^t. The steps's
+    learning rate and bias corrections enter as plain products (no `value=` arguments), so
+    the compiled version takes them as inputs instead of recompiling at every step."""
+    g = g16.float()
+    m = m16.float().lerp_(g, 1 - b1)                       # m = b1 m + (1-b1) g
+    v = v16.float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
+    denom = (v / bc2).sqrt_().add_(eps)                    # sqrt(v / bc2) + eps
+    w = w16.float().mul_(1 - lr * wd).sub_(torch.div(m, denom).mul_(lr / bc1))
+    stochastic_round_(w16, w)
+    stochastic_round_(m16, m)
+    stochastic_round_(v16, v)
+
+
+CHUNK = 1 << 22  # elements updated at once in eager mode: the fp32 temporaries stay ~6 x 16 MB
 
 
 def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -50,12 +69,38 @@ def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     return list(zip(*(x.view(-1).split(CHUNK) for x in tensors)))
 
 
+_compiled_update: Callable[..., None] | None = None
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x's memory as a 1-D tensor of its own (not a view, so torch.compile guards on the
+    one size only, not on the shape of a base): every weight shares one compiled graph.
+    Writes through it do not count as changes of x (its version): the caller bumps that."""
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),))
+
+
+def compile_updates(optimizer: torch.optim.Optimizer) -> int:
+    """Run the updates of every AdamWBF16 in `optimizer` (itself, or the per-parameter ones of
+    a StepInBackward) as one compiled kernel per weight instead of ~25 small ones per chunk:
+    no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat, sizes
+    are dynamic and the step's scalars are graph inputs. Returns how many optimizers were switched."""
+    global _compiled_update
+    inner = optimizer.inner.values() if isinstance(optimizer, StepInBackward) else [optimizer]
+    switched = [opt for opt in inner if isinstance(opt, AdamWBF16)]
+    if switched and _compiled_update is None:
+        _compiled_update = torch.compile(adamw_update_, dynamic=True, fullgraph=True)
+    for opt in switched:
+        opt.compiled = True
+    return len(switched)
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter) with fp32 arithmetic on state kept in the parameter's dtype."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.compiled = False  # compile_updates
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -75,15 +120,15 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
                 t = state["step"]
-                for w16, g16, m16, v16 in _chunks(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
-                    g = g16.float()
-                    m = m16.float().lerp_(g, 1 - b1)                    # m = b1 m + (1-b1) g
-                    v = v16.float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
-                    denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                    w = w16.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                    stochastic_round_(w16, w)
-                    stochastic_round_(m16, m)
-                    stochastic_round_(v16, v)
+                hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=1 - b1 ** t, bc2=1 - b2 ** t)
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if self.compiled and all(x.is_contiguous() for x in tensors):
+                    _compiled_update(*(_flat(x) for x in tensors), **hyper)
+                    for x in (p, state["exp_avg"], state["exp_avg_sq"]):
+                        torch.autograd.graph.increment_version(x)  # changed through an alias: say so
+                    continue
+                for chunk in _chunks(*tensors):
+                    adamw_update_(*chunk, **hyper)
         return loss
 
 

@@ -149,6 +149,21 @@ def test_bf16_unet_settings_are_checked():
         instantiate_from_config(node)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_compile_switch_compiles_the_adamw_bf16_update(compile):
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model
+    optimizer = {"name": "adamw_bf16", "fused_backward": True}
+    node = {"target": cfg.target, "params": {**cfg.params, "use_ema": False, "compile": compile, "optimizer": optimizer}}
+    model = instantiate_from_config(node)
+    model.learning_rate = 1e-4
+    opt = model.configure_optimizers()["optimizer"]
+    assert isinstance(opt, StepInBackward) and all(inner.compiled == compile for inner in opt.inner.values())
+    opt.remove_hooks()
+
+
 @pytest.mark.slow  # a main.py run of the tiny model, ~10 s
 def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
     from ldm.train import main
@@ -170,3 +185,52 @@ def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
     assert len(state["state"]) == len(unet) and all(s["step"] > 0 for s in state["state"].values())
     assert main([*base, "-t", "-r", str(run / "checkpoints" / "last.ckpt"), *opts[:-1],
                  "lightning.trainer.max_epochs=2"]) == 0
+
+
+@pytest.mark.slow  # inductor builds two kernels on the CPU, ~15 s
+def test_compiled_adamw_bf16_update_is_adamw_without_recompiling_per_step_or_shape():
+    """compile_updates (model.params.compile with adamw_bf16): fp32 weights follow torch's
+    AdamW through a schedule's changing lr and four parameter shapes, bf16 weights the eager
+    adamw_bf16 given the same gradients (to the stochastic rounding), on one compiled graph
+    per dtype."""
+    from ldm.optim import low_memory
+
+    torch._dynamo.reset()
+    low_memory._compiled_update = None
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    fp32 = copy.deepcopy(ref)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    opt32 = AdamWBF16(fp32.parameters(), lr=1e-2, weight_decay=0.1)
+    bf16_eager = [p.detach().to(torch.bfloat16).requires_grad_() for p in ref.parameters()]
+    bf16_compiled = [p.detach().clone().requires_grad_() for p in bf16_eager]
+    start = [p.detach().clone() for p in bf16_eager]
+    opt_eager = AdamWBF16(bf16_eager, lr=1e-2, weight_decay=0.1)
+    opt16 = AdamWBF16(bf16_compiled, lr=1e-2, weight_decay=0.1)
+    assert [low_memory.compile_updates(opt) for opt in (opt32, opt16)] == [1, 1]
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step in range(4):
+        for opt in (opt_ref, opt32, opt_eager, opt16):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)  # a schedule
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((ref, opt_ref), (fp32, opt32)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(bf16_eager, bf16_compiled):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            b.grad = a.grad.clone()
+        for opt in (opt_eager, opt16):
+            opt.step()
+            opt.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2  # fp32 and bf16, nothing more
+    for p32, pref in zip(fp32.parameters(), ref.parameters()):
+        torch.testing.assert_close(p32, pref, rtol=1e-5, atol=1e-6)
+    for a, b, a0 in zip(bf16_eager, bf16_compiled, start):
+        assert not torch.equal(b, a0) and b.dtype == torch.bfloat16
+        for x, y in ((a, b), (opt_eager.state[a]["exp_avg"], opt16.state[b]["exp_avg"])):
+            assert ((x.float() - y.float()).abs() <= 4 * 2**-8 * y.float().abs().max()).all()  # a few bf16 steps
+    version = bf16_compiled[0]._version  # what a checkpoint's host copy is keyed by
+    bf16_compiled[0].grad = torch.ones_like(bf16_compiled[0])
+    opt16.step()
+    assert bf16_compiled[0]._version > version
