@@ -44,7 +44,7 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
 def adamw_update_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tensor, v16: torch.Tensor, *, lr: float,
                   b1: float, b2: float, eps: float, wd: float, bc1: float, bc2: float) -> None:
     """One AdamW step of weight w16 with gradient g16 and moments m16, v16 (same shape and
-    dtype), in fp32, written back in place; bc1, bc2 = 1 - b1^t, 1 - b2^t. The steps's
+    dtype), in fp32, written back in place; bc1, bc2 = 1 - b1^t, 1 - b2^t. The step's
     learning rate and bias corrections enter as plain products (no `value=` arguments), so
     the compiled version takes them as inputs instead of recompiling at every step."""
     g = g16.float()
