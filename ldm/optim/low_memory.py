@@ -22,6 +22,7 @@ never a full gradient to measure), no gradient accumulation, and no fp16 loss sc
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -69,7 +70,10 @@ def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     return list(zip(*(x.view(-1).split(CHUNK) for x in tensors)))
 
 
-_compiled_update: Callable[..., None] | None = None
+@functools.cache
+def _compiled_update() -> Callable[..., None]:
+    """adamw_update_ compiled once per process (graphs are cached by dtype)."""
+    return torch.compile(adamw_update_, dynamic=True, fullgraph=True)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +88,8 @@ def compile_updates(optimizer: torch.optim.Optimizer) -> int:
     a StepInBackward) as one compiled kernel per weight instead of ~25 small ones per chunk:
     no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat, sizes
     are dynamic and the step's scalars are graph inputs. Returns how many optimizers were switched."""
-    global _compiled_update
     inner = optimizer.inner.values() if isinstance(optimizer, StepInBackward) else [optimizer]
     switched = [opt for opt in inner if isinstance(opt, AdamWBF16)]
-    if switched and _compiled_update is None:
-        _compiled_update = torch.compile(adamw_update_, dynamic=True, fullgraph=True)
     for opt in switched:
         opt.compiled = True
     return len(switched)
@@ -123,7 +124,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=1 - b1 ** t, bc2=1 - b2 ** t)
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if self.compiled and all(x.is_contiguous() for x in tensors):
-                    _compiled_update(*(_flat(x) for x in tensors), **hyper)
+                    _compiled_update()(*(_flat(x) for x in tensors), **hyper)
                     for x in (p, state["exp_avg"], state["exp_avg_sq"]):
                         torch.autograd.graph.increment_version(x)  # changed through an alias: say so
                     continue

@@ -196,7 +196,7 @@ def test_compiled_adamw_bf16_update_is_adamw_without_recompiling_per_step_or_sha
     from ldm.optim import low_memory
 
     torch._dynamo.reset()
-    low_memory._compiled_update = None
+    low_memory._compiled_update.cache_clear()
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
     fp32 = copy.deepcopy(ref)
