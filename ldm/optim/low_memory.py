@@ -45,9 +45,9 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
 def adamw_update_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tensor, v16: torch.Tensor, *, lr: float,
                   b1: float, b2: float, eps: float, wd: float, bc1: float, bc2: float) -> None:
     """One AdamW step of weight w16 with gradient g16 and moments m16, v16 (same shape and
-    dtype), in fp32, written back in place; bc1, bc2 = 1 - b1^t, 1 - b2^t. The step's
-    learning rate and bias corrections enter as plain products (no `value=` arguments), so
-    the compiled version takes them as inputs instead of recompiling at every step."""
+    dtype), in fp32, written back in place; bc1, bc2 = 1 - b1^t, 1 - b2^t. lr, wd, bc1 and
+    bc2 are floats, or 0-d tensors in the compiled update, so they enter as plain products
+    (a `value=` argument must be a Python number)."""
     g = g16.float()
     m = m16.float().lerp_(g, 1 - b1)                       # m = b1 m + (1-b1) g
     v = v16.float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1-b2) g²
@@ -70,10 +70,29 @@ def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     return list(zip(*(x.view(-1).split(CHUNK) for x in tensors)))
 
 
+def _adamw_update_scalars_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tensor, v16: torch.Tensor,
+                           scalars: torch.Tensor, b1: float, b2: float, eps: float) -> None:
+    """adamw_update_ with the values that change between steps in one tensor, [lr, wd, bc1, bc2]:
+    torch.compile specialises Python floats on some versions (2.11 guards on their values and
+    recompiles at every step), never a tensor's values."""
+    lr, wd, bc1, bc2 = scalars.unbind()
+    adamw_update_(w16, g16, m16, v16, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=bc1, bc2=bc2)
+
+
 @functools.cache
 def _compiled_update() -> Callable[..., None]:
-    """adamw_update_ compiled once per process (graphs are cached by dtype)."""
-    return torch.compile(adamw_update_, dynamic=True, fullgraph=True)
+    """_adamw_update_scalars_ compiled once per process (graphs are cached by dtype)."""
+    return torch.compile(_adamw_update_scalars_, dynamic=True, fullgraph=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _step_scalars(device: torch.device, values: tuple[float, ...]) -> torch.Tensor:
+    """values as an fp32 tensor on device, made once per step and device (every weight's
+    update in a step shares them); copied from pinned memory without waiting for the GPU."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +143,8 @@ class AdamWBF16(torch.optim.Optimizer):
                 hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=1 - b1 ** t, bc2=1 - b2 ** t)
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if self.compiled and all(x.is_contiguous() for x in tensors):
-                    _compiled_update()(*(_flat(x) for x in tensors), **hyper)
+                    scalars = _step_scalars(p.device, (lr, wd, hyper["bc1"], hyper["bc2"]))
+                    _compiled_update()(*(_flat(x) for x in tensors), scalars, b1, b2, eps)
                     for x in (p, state["exp_avg"], state["exp_avg_sq"]):
                         torch.autograd.graph.increment_version(x)  # changed through an alias: say so
                     continue
