@@ -94,9 +94,11 @@ def step_flops(step: Callable[[], None], batch: int) -> float:
 
 def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **fields) -> dict:
     """Run warm-up steps, then time `steps`; returns img/s, ms/step and peaks as a dict."""
-    for _ in range(warmup):
+    t_start = time.perf_counter()
+    for i in range(warmup):
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()  # progress on stderr: a run cut off while compiling says how far it got
+        print(f"warm-up step {i + 1}/{warmup} done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
     peak_all = torch.cuda.max_memory_allocated()  # model build and first steps (cuDNN trials) included
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

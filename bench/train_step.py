@@ -7,6 +7,7 @@
     python bench/train_step.py --impl ours --batch 1 --ckpt --low_memory   # the 6 GiB configuration
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder [--compile]  # 12 GiB, 24 img/s
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
+    python bench/train_step.py ... --profile    # where the GPU's and the host's time goes instead
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
 AdamW. Ours is LatentDiffusion.shared_step of configs/stable-diffusion/v1-finetune_everydream.yaml
@@ -23,8 +24,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import (CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, our_step, setup_cuda, step_flops,
-                    time_steps)
+from common import (CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, our_step, profile, setup_cuda,
+                    step_flops, time_steps)
 from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim.low_memory import compile_updates  # noqa: E402
 
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--text_encoder", action="store_true", help="ours: train the text encoder too")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
     args = p.parse_args()
     setup_cuda()
     rate = matmul_tflops()
@@ -100,6 +102,8 @@ def main() -> None:
     flops = step_flops(step, args.batch)  # eager: the counter cannot see inside compiled graphs
     if args.compile:
         compile_fn()  # compiled on the first warm-up step
+    if args.profile:
+        return profile(step, rows=30)
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
                         text_encoder=args.text_encoder)

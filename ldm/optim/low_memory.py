@@ -8,15 +8,21 @@ on weights of ~1e-2) are below half a bf16 step (2^-9 relative) and vanish. 2 + 
 parameter instead of fp32 AdamW's 4 + 8, gradients 2 instead of 4. For fp32 parameters it is
 plain AdamW.
 
-With `model.params.compile: true` each update runs as one compiled kernel (`compile_updates`);
-otherwise large weights are updated in chunks, which bounds the fp32 temporaries.
+Weights smaller than CHUNK elements are updated in packs, concatenated: per-weight updates
+of ~25 kernels each made the batch-1 step wait on the host (doc/PERFORMANCE.md). With
+`model.params.compile: true` each update runs as one compiled kernel (`compile_updates`);
+otherwise larger weights are updated in chunks, which bounds the fp32 temporaries.
 
-`StepInBackward` (`optimizer.fused_backward: true`): one optimizer per parameter, stepped
-from the parameter's post-accumulate-grad hook as soon as its gradient is complete, which
-is then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never exists at once.
+`StepInBackward` (`optimizer.fused_backward: true`): one optimizer per bucket of consecutive
+parameters (at most CHUNK elements, or one larger parameter), stepped from the parameters'
+post-accumulate-grad hooks as soon as the bucket's last gradient is complete (at the end of
+the backward pass for a bucket some of whose parameters got none), and the bucket's
+gradients are then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never
+exists at once. Buckets, not single parameters, so that an optimizer step covers many
+small weights at once: SD 1.x has 686 UNet weights, most of them biases and norms.
 It wraps whichever optimizer the config names and presents one torch Optimizer to Lightning:
-its param groups carry the schedule's learning rates (copied to the per-parameter optimizers
-at each step), its state is theirs (checkpoints save and resume it), and its `step(closure)`
+its param groups carry the schedule's learning rates (copied to the per-bucket optimizers at
+each step), its state is theirs (checkpoints save and resume it), and its `step(closure)`
 only runs the closure, whose backward does the steps. Hence no gradient clipping (there is
 never a full gradient to measure), no gradient accumulation, and no fp16 loss scaling.
 """
@@ -79,6 +85,18 @@ def _adamw_update_scalars_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tens
     adamw_update_(w16, g16, m16, v16, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=bc1, bc2=bc2)
 
 
+def _packs(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive weights in packs of at most CHUNK elements."""
+    packs, size = [[]], 0
+    for p in params:
+        if packs[-1] and size + p.numel() > CHUNK:
+            packs.append([])
+            size = 0
+        packs[-1].append(p)
+        size += p.numel()
+    return packs
+
+
 @functools.cache
 def _compiled_update() -> Callable[..., None]:
     """_adamw_update_scalars_ compiled once per process (graphs are cached by dtype)."""
@@ -107,7 +125,8 @@ def compile_updates(optimizer: torch.optim.Optimizer) -> int:
     a StepInBackward) as one compiled kernel per weight instead of ~25 small ones per chunk:
     no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat, sizes
     are dynamic and the step's scalars are graph inputs. Returns how many optimizers were switched."""
-    inner = optimizer.inner.values() if isinstance(optimizer, StepInBackward) else [optimizer]
+    inner = {id(opt): opt for opt in optimizer.inner.values()}.values() if isinstance(optimizer, StepInBackward) \
+        else [optimizer]
     switched = [opt for opt in inner if isinstance(opt, AdamWBF16)]
     for opt in switched:
         opt.compiled = True
@@ -130,6 +149,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            small: dict[tuple, list[torch.Tensor]] = {}  # packed by (step, dtype, device)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -139,22 +159,45 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
-                t = state["step"]
-                hyper = dict(lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=1 - b1 ** t, bc2=1 - b2 ** t)
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if self.compiled and all(x.is_contiguous() for x in tensors):
-                    scalars = _step_scalars(p.device, (lr, wd, hyper["bc1"], hyper["bc2"]))
-                    _compiled_update()(*(_flat(x) for x in tensors), scalars, b1, b2, eps)
-                    for x in (p, state["exp_avg"], state["exp_avg_sq"]):
-                        torch.autograd.graph.increment_version(x)  # changed through an alias: say so
-                    continue
-                for chunk in _chunks(*tensors):
-                    adamw_update_(*chunk, **hyper)
+                if p.numel() < CHUNK and all(x.is_contiguous() for x in tensors):
+                    small.setdefault((state["step"], p.dtype, p.device), []).append(p)
+                else:
+                    self._update(tensors, lr, b1, b2, eps, wd, state["step"])
+            for (t, _, _), params in small.items():
+                for pack in _packs(params):
+                    self._update_pack(pack, lr, b1, b2, eps, wd, t)
         return loss
+
+    def _update(self, tensors: tuple[torch.Tensor, ...], lr: float, b1: float, b2: float, eps: float, wd: float,
+                t: int) -> None:
+        """One weight's update: weight, gradient, m, v."""
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        if self.compiled and all(x.is_contiguous() for x in tensors):
+            scalars = _step_scalars(tensors[0].device, (lr, wd, bc1, bc2))
+            _compiled_update()(*(_flat(x) for x in tensors), scalars, b1, b2, eps)
+            for x in tensors[:1] + tensors[2:]:
+                torch.autograd.graph.increment_version(x)  # changed through an alias: say so
+            return
+        for chunk in _chunks(*tensors):
+            adamw_update_(*chunk, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=bc1, bc2=bc2)
+
+    def _update_pack(self, params: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float, wd: float,
+                     t: int) -> None:
+        """Small weights updated as one: concatenated, updated, copied back (a few kernels
+        instead of ~25 per weight; the batch-1 step was bound by launching them)."""
+        columns = [params, [p.grad for p in params], *([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq"))]
+        if len(params) == 1:
+            return self._update(tuple(c[0] for c in columns), lr, b1, b2, eps, wd, t)
+        flat = [torch.cat([x.view(-1) for x in column]) for column in columns]
+        self._update(tuple(flat), lr, b1, b2, eps, wd, t)
+        sizes = [p.numel() for p in params]
+        for column, updated in zip(columns[:1] + columns[2:], flat[:1] + flat[2:]):
+            torch._foreach_copy_([x.view(-1) for x in column], list(updated.split(sizes)))
 
 
 class StepInBackward(torch.optim.Optimizer):
-    """Per-parameter optimizers stepped from the backward pass (see the module docstring)."""
+    """Optimizers stepped from the backward pass, one per bucket of parameters (see the module docstring)."""
 
     HYPER = ("lr", "weight_decay", "betas", "eps")
 
@@ -162,34 +205,62 @@ class StepInBackward(torch.optim.Optimizer):
         """`make(groups)` builds the named optimizer over a list of param groups (one here)."""
         super().__init__(groups, {})
         self.inner: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        self._buckets: list[tuple[dict[str, Any], list[torch.nn.Parameter], torch.optim.Optimizer]] = []
+        self._ready: dict[int, set[torch.nn.Parameter]] = {}  # bucket -> parameters whose gradient is complete
+        self._flush_queued = False
         self._hooks = []
         for group in self.param_groups:
             hyper = {k: v for k, v in group.items() if k != "params"}
-            for p in group["params"]:
-                opt = make([{**hyper, "params": [p]}])
+            for bucket in _packs(group["params"]):
+                opt = make([{**hyper, "params": bucket}])
                 for k in self.HYPER:  # the wrapper's group shows what the optimizer runs with
                     if k in opt.param_groups[0]:
                         group.setdefault(k, opt.param_groups[0][k])
-                self.inner[p] = opt
-                self.state[p] = opt.state[p]  # one dict: filled in place by the inner step
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+                index = len(self._buckets)
+                self._buckets.append((group, bucket, opt))
+                for p in bucket:
+                    self.inner[p] = opt
+                    self.state[p] = opt.state[p]  # one dict: filled in place by the inner step
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
         self.built_with = getattr(next(iter(self.inner.values())), "built_with", {})
 
-    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
-        def step_now(p: torch.Tensor) -> None:
-            opt = self.inner[p]
-            inner_group = opt.param_groups[0]
-            for k in self.HYPER:
-                if k in inner_group:
-                    inner_group[k] = group[k]  # the schedule's current lr
-            opt.step()
+    def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def gradient_ready(p: torch.Tensor) -> None:
+            if not self._flush_queued:  # runs when this backward pass ends
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+                self._flush_queued = True
+            ready = self._ready.setdefault(index, set())
+            ready.add(p)
+            if len(ready) == len(self._buckets[index][1]):
+                self._step_bucket(index)
+        return gradient_ready
+
+    def _step_bucket(self, index: int) -> None:
+        """Step the bucket with the gradients it has, with the schedule's current lr, and free them."""
+        group, bucket, opt = self._buckets[index]
+        inner_group = opt.param_groups[0]
+        for k in self.HYPER:
+            if k in inner_group:
+                inner_group[k] = group[k]
+        opt.step()
+        for p in bucket:
             p.grad = None
-        return step_now
+        del self._ready[index]
+
+    def _flush(self) -> None:
+        """The end of a backward pass: step the buckets some of whose parameters got no gradient."""
+        self._flush_queued = False
+        for index in list(self._ready):
+            self._step_bucket(index)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The steps happen in the closure's backward; only run it."""
         if closure is None:
             return None
+        self._flush_queued = False  # a backward pass that failed never ran its flush:
+        for index in list(self._ready):  # its gradients would add to this step's
+            for p in self._ready.pop(index):
+                p.grad = None
         with torch.enable_grad():
             return closure()
 

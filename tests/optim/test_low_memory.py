@@ -96,6 +96,56 @@ def test_steps_in_backward_equal_the_usual_step_with_the_schedule_and_free_the_g
         assert b.grad is None  # freed as soon as it was used
 
 
+def test_adamw_bf16_packs_small_weights_by_step_count_and_still_is_adamw(monkeypatch):
+    """Weights under CHUNK elements are updated concatenated, in packs of at most CHUNK; a
+    weight that skipped steps (no gradient) has its own bias correction, so its own pack."""
+    monkeypatch.setattr("ldm.optim.low_memory.CHUNK", 18)  # weights of 32 (alone), 4 + 12 (a pack), 3
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    opt_a = AdamWBF16(a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    packed, real = [], AdamWBF16._update_pack
+    monkeypatch.setattr(AdamWBF16, "_update_pack",
+                        lambda self, params, *args: packed.append(len(params)) or real(self, params, *args))
+    for step in range(4):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x).square().mean().backward()
+            if step % 2:
+                model[1].bias.grad = None  # skips this step
+            opt.step()
+            opt.zero_grad()
+    assert packed == [2, 1, 2, 2, 1, 2]  # 4+12 | 3, then without the 3, then the 3 at its own step 2
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_in_backward_go_by_bucket_and_step_a_bucket_with_a_parameter_left_out(monkeypatch):
+    """Buckets of consecutive weights step when their last gradient is complete; a bucket with
+    a weight that gets no gradient (an unused layer) steps at the end of the backward pass."""
+    monkeypatch.setattr("ldm.optim.low_memory.CHUNK", 60)  # mlp weights 96, 16, 48, 3 and unused 6, 2
+    cfg = OptimizerConfig.from_mapping({"name": "adamw"})
+    fused_cfg = OptimizerConfig.from_mapping({"name": "adamw", "fused_backward": True})
+    plain = mlp().append(nn.Linear(3, 2))  # the last layer is never called: no gradient
+    fused = copy.deepcopy(plain)
+    opt = build_optimizer({"unet": plain.parameters()}, cfg, "cpu")
+    fopt = build_optimizer({"unet": fused.parameters()}, fused_cfg, "cpu")
+    assert [len(bucket) for _, bucket, _ in fopt._buckets] == [1, 1, 4]  # 96 | 16 | 48 3 6 2
+    steps = []
+    for _, bucket, inner in fopt._buckets:
+        inner.register_step_post_hook(lambda o, args, kwargs, n=len(steps): steps.append(n))
+    for model, o in ((plain, opt), (fused, fopt)):
+        for step in range(3):
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+            o.step(lambda: model[:3](x).square().mean().backward())
+            o.zero_grad()
+    assert len(steps) == 3 * 3  # every bucket once per step, the one with the unused weights included
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert b.grad is None
+
+
 def test_steps_in_backward_resume_from_their_state_dict():
     cfg = OptimizerConfig.from_mapping({"name": "adamw", "fused_backward": True})
     straight = mlp()
