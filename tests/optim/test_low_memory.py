@@ -238,13 +238,15 @@ def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
 
 
 @pytest.mark.slow  # inductor builds two kernels on the CPU, ~15 s
-def test_compiled_adamw_bf16_update_is_adamw_without_recompiling_per_step_or_shape():
+def test_compiled_adamw_bf16_update_is_adamw_without_recompiling_per_step_or_shape(monkeypatch):
     """compile_updates (model.params.compile with adamw_bf16): fp32 weights follow torch's
-    AdamW through a schedule's changing lr and four parameter shapes, bf16 weights the eager
-    adamw_bf16 given the same gradients (to the stochastic rounding), on one compiled graph
-    per dtype, also where torch.compile specialises Python floats (as torch 2.11 does)."""
+    AdamW through a schedule's changing lr and four parameter shapes (the largest updated on
+    its own, the others as a pack), bf16 weights the eager adamw_bf16 given the same gradients
+    (to the stochastic rounding), on one compiled graph per dtype, also where torch.compile
+    specialises Python floats (as torch 2.11 does)."""
     from ldm.optim import low_memory
 
+    monkeypatch.setattr(low_memory, "CHUNK", 100)  # weights of 128 (alone), 8 + 32 + 4 (a pack)
     with torch._dynamo.config.patch(specialize_float=True):
         _check_compiled_adamw_bf16_update(low_memory)
 
