@@ -6,8 +6,9 @@
 `--skip`: steps left out at the start (cuDNN benchmarking of the first bucket shapes).
 Prints one JSON line. `steady_img_per_s` is the median rate between consecutive logged steps
 (the plain training steps); `pauses` lists the intervals that took over 1.5x the median, with the
-seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`. With `--log` (the output of a run with `lightning.trainer.profiler:
-simple`), `profile` gives calls and total seconds of the hooks the pauses are made of."""
+seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`.
+With `--log` (the output of a run with `lightning.trainer.profiler: simple`), `profile` gives
+calls and total seconds of the hooks the pauses are made of."""
 from __future__ import annotations
 
 import argparse

@@ -186,7 +186,8 @@ class AdamWBF16(torch.optim.Optimizer):
                      t: int) -> None:
         """Small weights updated as one: concatenated, updated, copied back (a few kernels
         instead of ~25 per weight; the batch-1 step was bound by launching them)."""
-        columns = [params, [p.grad for p in params], *([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq"))]
+        columns = [params, [p.grad for p in params],  # weights, gradients, m, v
+                   *([self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq"))]
         if len(params) == 1:
             return self._update(tuple(c[0] for c in columns), lr, b1, b2, eps, wd, t)
         flat = [torch.cat([x.view(-1) for x in column]) for column in columns]

@@ -206,7 +206,8 @@ def test_compile_switch_compiles_the_adamw_bf16_update(compile):
     from ldm.util import instantiate_from_config
     cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model
     optimizer = {"name": "adamw_bf16", "fused_backward": True}
-    node = {"target": cfg.target, "params": {**cfg.params, "use_ema": False, "compile": compile, "optimizer": optimizer}}
+    node = {"target": cfg.target,
+            "params": {**cfg.params, "use_ema": False, "compile": compile, "optimizer": optimizer}}
     model = instantiate_from_config(node)
     model.learning_rate = 1e-4
     opt = model.configure_optimizers()["optimizer"]
