@@ -4,10 +4,11 @@
     python bench/optimizer_host.py --per_weight    # one optimizer per weight: before packs and buckets
 
 The weights, gradients and moments live on the meta device: every operation is dispatched
-as on a GPU but computes nothing, so the time is what the host spends issuing the update
-(Python, dispatch, allocation), the part that bounds small-batch steps (doc/PERFORMANCE.md).
-It leaves out the kernel launches themselves (~5-7 us each on the GPU machine), so it is a
-floor; the launch count is printed beside it."""
+but computes nothing, so the time is what the host spends issuing the update (Python,
+dispatch, allocation), the part that bounds small-batch steps (doc/PERFORMANCE.md). Two
+distortions: many operations compute their output shapes in Python on the meta device,
+which a GPU does not, and the kernel launches themselves are left out. Compare variants by
+the ratio, and by the kernel count printed beside the time."""
 from __future__ import annotations
 
 import argparse
