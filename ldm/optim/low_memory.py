@@ -121,12 +121,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def compile_updates(optimizer: torch.optim.Optimizer) -> int:
-    """Run the updates of every AdamWBF16 in `optimizer` (itself, or the per-parameter ones of
-    a StepInBackward) as one compiled kernel per weight instead of ~25 small ones per chunk:
-    no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat, sizes
-    are dynamic and the step's scalars are graph inputs. Returns how many optimizers were switched."""
-    inner = {id(opt): opt for opt in optimizer.inner.values()}.values() if isinstance(optimizer, StepInBackward) \
-        else [optimizer]
+    """Run the updates of every AdamWBF16 in `optimizer` (itself, or the per-bucket ones of a
+    StepInBackward) as one compiled kernel per weight or pack instead of ~25 small ones per
+    chunk: no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat,
+    sizes are dynamic and the step's scalars are graph inputs. Returns how many optimizers
+    were switched."""
+    inner = [opt for _, _, opt in optimizer._buckets] if isinstance(optimizer, StepInBackward) else [optimizer]
     switched = [opt for opt in inner if isinstance(opt, AdamWBF16)]
     for opt in switched:
         opt.compiled = True

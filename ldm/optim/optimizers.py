@@ -12,8 +12,8 @@
       betas: null            # null = the optimizer's own default (AdamW: [0.9, 0.999])
       eps: null              # null = the optimizer's own default (AdamW: 1e-8)
       args: {}               # further keyword arguments for the optimizer class
-      fused_backward: false  # step each parameter in the backward pass, freeing its gradient
-                             #  (ldm.optim.low_memory.StepInBackward)
+      fused_backward: false  # step buckets of weights in the backward pass, freeing their
+                             #  gradients (ldm.optim.low_memory.StepInBackward)
       scheduler: constant    # see ldm.optim.schedules
       warmup: 0              # steps (int) or fraction of the run (float in [0, 1))
       num_cycles: 1          # cosine_with_restarts only
