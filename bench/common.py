@@ -100,7 +100,7 @@ def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **
         torch.cuda.synchronize()  # progress on stderr: a run cut off while compiling says how far it got
         print(f"warm-up step {i + 1}/{warmup} done at {time.perf_counter() - t_start:.0f} s",
               file=sys.stderr, flush=True)
-    peak_all = torch.cuda.max_memory_allocated()  # model build and first steps (cuDNN trials) included
+    peak_all = torch.cuda.max_memory_allocated()  # the warm-up steps (and whatever ran since the last reset)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):

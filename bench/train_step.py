@@ -81,6 +81,12 @@ def baseline(args: argparse.Namespace):
     return step, unet.compile  # the whole UNet, in place
 
 
+def peak_since_reset() -> int:
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
@@ -93,13 +99,17 @@ def main() -> None:
     p.add_argument("--text_encoder", action="store_true", help="ours: train the text encoder too")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no_cudnn_benchmark", action="store_true", help="cuDNN's default algorithms, no trials")
     p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
     args = p.parse_args()
     setup_cuda()
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
-    step()  # build kernels before counting
+    step()  # build kernels (cuDNN trials when benchmark is on) before counting
+    first = peak_since_reset()  # model build and the first step
     flops = step_flops(step, args.batch)  # eager: the counter cannot see inside compiled graphs
+    counting = peak_since_reset()  # the counter's dispatch mode holds more than a plain step
     if args.compile:
         compile_fn()  # compiled on the first warm-up step
     if args.profile:
@@ -108,7 +118,8 @@ def main() -> None:
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
                         text_encoder=args.text_encoder)
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
-                  mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3))
+                  mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3),
+                  peak_first_step_GiB=round(first / 2**30, 3), peak_flop_count_GiB=round(counting / 2**30, 3))
     emit(record)
 
 
