@@ -23,3 +23,4 @@ row peer8      300 bench/lora_step.py --impl peer --batch 8 --compile
 row lowmem1    300 bench/train_step.py --impl ours --batch 1 --ckpt --low_memory --compile
 row lowmem6te  300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile
 row lowmem6teck 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --ckpt --compile
+row encode32   300 bench/train_step.py --impl ours --batch 32 --encode --compile

@@ -174,7 +174,9 @@ def _encode_group(group: list[Path], todo: Mapping[Path, tuple], vae: nn.Module,
         return
     dtype = next(vae.parameters()).dtype
     x = torch.stack(images).to(device=device, dtype=dtype)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+    # uncompiled under model.params.compile: each bucket's batch shapes would compile for one use
+    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext(), \
+            torch.compiler.set_stance("force_eager"):
         moments = vae.encode(x).parameters  # [B, 2*C, h, w]
     for e, m in zip(kept, moments):
         ds, cache, index, flip, bucket = todo[e]

@@ -10,6 +10,11 @@ Why per block and not the whole UNet: the 25 UNet blocks (`input_blocks.*`, `mid
 text-encoder layers) are traced once, and a graph break or a failed lowering costs one
 block, not the model.
 
+The VAE encoder runs in every step unless latents are cached (`cache_latents`), and at
+512 px it is a third of the step's FLOPs (doc/PERFORMANCE.md): it is compiled whole, one
+graph per image shape. The latent cache's one-off pass runs it uncompiled
+(ldm.data.latent_cache), since each of its batch shapes would compile for a single use.
+
 `nn.Module.compile` works in place, so parameter names (the state-dict contract with the
 CompVis checkpoints) are unchanged.
 
@@ -53,11 +58,13 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", mode:
 
 
 def compile_model(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> str:
-    """Compile a LatentDiffusion's UNet and text-encoder blocks; returns a line for the log."""
+    """Compile a LatentDiffusion's UNet and text-encoder blocks and its VAE encoder; returns a
+    line for the log."""
     n_unet = compile_blocks(unet_blocks(model.model.diffusion_model), backend, mode)
     n_text = compile_blocks(model.cond_stage_model.blocks(), backend, mode)
-    return (f"torch.compile ({backend}{', ' + mode if mode else ''}): {n_unet} UNet blocks and {n_text} "
-            "text-encoder layers, compiled on first use (the first step takes a minute or more)")
+    compile_blocks([model.first_stage_model.encoder], backend, mode)
+    return (f"torch.compile ({backend}{', ' + mode if mode else ''}): {n_unet} UNet blocks, {n_text} "
+            "text-encoder layers and the VAE encoder, compiled on first use (the first step takes a minute or more)")
 
 
 def _raise_recompile_limit(needed: int) -> None:

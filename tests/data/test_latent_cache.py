@@ -178,3 +178,22 @@ def test_runs_through_main_reuse_the_cache_and_train_as_without_it(shapes, tmp_p
     assert "latents:" not in capsys.readouterr().out
     different = [k for k in plain if not torch.equal(first[k], plain[k])]  # float32 on CPU: bitwise
     assert plain.keys() == first.keys() and not different, different[:5]
+
+
+def test_the_fill_runs_a_compiled_encoder_uncompiled(shapes, cache_home):
+    """Under model.params.compile the encoder is compiled for the training step; the one-off
+    fill would compile it once per batch shape for a single use, so it runs eager."""
+    from torch._dynamo.utils import counters
+
+    cfg = OmegaConf.load(CONFIGS[0]).model
+    vae = instantiate_from_config({"target": cfg.target, "params": cfg.params}).first_stage_model.eval()
+    torch._dynamo.reset()
+    counters.clear()
+    vae.encoder.compile(backend="eager", dynamic=False)
+    try:
+        assert fill([dataset(shapes)], vae, torch.device("cpu"), batch_size=4, say=lambda t: None)["encoded"] == 6
+        assert counters["frames"]["total"] == 0
+        vae.encode(torch.zeros(1, 3, 16, 16))  # the same module outside the fill: compiled
+        assert counters["frames"]["total"] == 1
+    finally:
+        torch._dynamo.reset()

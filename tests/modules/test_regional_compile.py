@@ -1,10 +1,12 @@
-"""model.params.compile: the UNet's and text encoder's blocks compiled in place give the plain
-path's loss and gradients, keep the state-dict names, and several bucket shapes plus a
-no-grad pass (sampling) fit under the raised recompile limit instead of falling back to eager.
+"""model.params.compile: the UNet's and text encoder's blocks and the VAE encoder compiled in
+place give the plain path's loss, gradients and latents, keep the state-dict names, and
+several bucket shapes plus a no-grad pass (sampling) fit under the raised recompile limit
+instead of falling back to eager.
 
 The backend here is aot_eager (eager for the recompile test): the graphs torch.compile
-captures, replayed through autograd without generating kernels (which would take minutes on two CPU cores); what the
-inductor backend does to them is measured on the GPU (doc/PERFORMANCE.md)."""
+captures, replayed through autograd without generating kernels (which would take minutes on
+two CPU cores); what the inductor backend does to them is measured on the GPU
+(doc/PERFORMANCE.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,7 +60,7 @@ def test_compiled_blocks_give_the_plain_loss_and_gradients_and_keep_the_names():
     line = compile_model(compiled, backend="aot_eager")
     assert "UNet blocks" in line
     blocks = unet_blocks(compiled.model.diffusion_model) + compiled.cond_stage_model.blocks()
-    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks + [compiled.first_stage_model.encoder])
     assert list(compiled.state_dict()) == names  # in place: no _orig_mod. in any key
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         loss_c, grads_c = step(compiled, 8)
@@ -67,6 +69,9 @@ def test_compiled_blocks_give_the_plain_loss_and_gradients_and_keep_the_names():
     assert len(grads_c) == len(grads_p) > 0
     for a, b in zip(grads_c, grads_p):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    image = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1  # encoded in the step
+    torch.testing.assert_close(compiled.batch_latents({"image": image}, mode=True),
+                               plain.batch_latents({"image": image}, mode=True), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # ~30 s
