@@ -2,7 +2,10 @@
 model from a config, the timed loop, and the measured bf16 matmul rate for MFU."""
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +16,31 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CAPTIONS = ["a photo of a meeb person standing on a beach at sunset, highly detailed"] * 256
+
+
+def use_compile_cache() -> None:
+    """BENCH_COMPILE_CACHE=<dir>: load torch.compile's portable caches (generated kernels,
+    AOTAutograd graphs) from every <dir>/*.bin, and at a normal exit write this process's to
+    <BENCH_COMPILE_CACHE_OUT or dir>/<script>-<hash of the arguments>.bin. A GPU machine
+    started afresh then loads the kernels an earlier start compiled (same torch and GPU kind)
+    instead of spending minutes compiling them again. A row killed by its time limit writes nothing."""
+    load = os.environ.get("BENCH_COMPILE_CACHE")
+    if not load:
+        return
+    for f in sorted(Path(load).glob("*.bin")):
+        torch.compiler.load_cache_artifacts(f.read_bytes())
+    out = Path(os.environ.get("BENCH_COMPILE_CACHE_OUT", load))
+    name = f"{Path(sys.argv[0]).stem}-{hashlib.sha1(' '.join(sys.argv[1:]).encode()).hexdigest()[:8]}.bin"
+
+    def save() -> None:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(artifacts[0])
+    atexit.register(save)
+
+
+use_compile_cache()
 
 
 def diffusers_sd15_unet() -> torch.nn.Module:

@@ -2,6 +2,8 @@
 # Does model.params.compile pay? Eager and compiled rows, one process each (doc/PERFORMANCE.md).
 #   bash bench/compile.sh            # all rows; or name some: bash bench/compile.sh lora8 full32
 # A row prints its JSON line, or its last lines of output when it fails or runs out of time.
+# On a machine that starts afresh, reuse compiled kernels of an earlier start (bench/common.py):
+#   BENCH_COMPILE_CACHE=.cache/compile BENCH_COMPILE_CACHE_OUT=$OUT/compile bash bench/compile.sh ...
 set -u
 cd "$(dirname "$0")/.."
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}  # rows share kernels
