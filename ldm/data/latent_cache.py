@@ -175,8 +175,9 @@ def _encode_group(group: list[Path], todo: Mapping[Path, tuple], vae: nn.Module,
     dtype = next(vae.parameters()).dtype
     x = torch.stack(images).to(device=device, dtype=dtype)
     # uncompiled under model.params.compile: each bucket's batch shapes would compile for one use
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before, it compiles
     with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext(), \
-            torch.compiler.set_stance("force_eager"):
+            set_stance("force_eager") if set_stance else nullcontext():
         moments = vae.encode(x).parameters  # [B, 2*C, h, w]
     for e, m in zip(kept, moments):
         ds, cache, index, flip, bucket = todo[e]
