@@ -11,7 +11,8 @@ alternatives, each twice (the second save of a run may reuse what the first allo
   reused     copy_ into the pageable tensors of the previous save (no page faults)
   pinned     a page-locked tensor per tensor (torch's caching host allocator), non_blocking
              copies, one synchronize; the second round gets the cached blocks back
-  flat       one page-locked buffer per dtype, the tensors as views, kept between saves
+  flat       one page-locked buffer (the whole state is fp32 here), the tensors as views,
+             kept between saves
 
 The state: the UNet's fp32 weights and AdamW's two moments (3 x 0.86 B elements) plus the
 frozen VAE and text encoder, as tensors of the real shapes. Prints one JSON line per variant
