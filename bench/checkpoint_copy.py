@@ -16,7 +16,8 @@ alternatives, each twice (the second save of a run may reuse what the first allo
 
 The state: the UNet's fp32 weights and AdamW's two moments (3 x 0.86 B elements) plus the
 frozen VAE and text encoder, as tensors of the real shapes. Prints one JSON line per variant
-and round: seconds, GB/s, and the host memory each variant held (page-locked or not).
+and round: seconds and GB/s. Every variant holds a full host copy (~11 GB; pinned and flat
+page-locked), so the machine needs ~25 GB of free host memory.
 """
 from __future__ import annotations
 
