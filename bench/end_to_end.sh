@@ -6,7 +6,8 @@
 # with validation, a checkpoint and sample grids each epoch (and grids every 250 steps).
 # Then the bare step with the same model, batch and settings (VAE encode in the step, gradient
 # checkpointing as the config has it), and the ratio.
-#   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU)
+#   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU;
+#   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/e2e}
