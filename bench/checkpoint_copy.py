@@ -27,19 +27,13 @@ import time
 
 import torch
 
-from common import ROOT, emit
+from common import emit, our_model
 from ldm.callbacks.checkpointing import _host_copy  # noqa: E402 (common puts the repo on sys.path)
 
 
 def sd1_state(scale: float, device: str) -> list[torch.Tensor]:
     """Tensors shaped like an SD 1.x full fine-tune checkpoint's (weights, two moments, frozen parts)."""
-    from omegaconf import OmegaConf
-
-    from ldm.util import instantiate_from_config
-
-    cfg = OmegaConf.load(ROOT / "configs/stable-diffusion/v1-finetune_everydream.yaml").model
-    with torch.device("meta"):
-        model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
+    model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", False, device="meta")
     shapes = [p.shape for p in model.model.parameters()] * 3 + [p.shape for n, p in model.named_parameters()
                                                                 if not n.startswith("model.")]
     numel = [max(1, int(torch.Size(s).numel() * scale)) for s in shapes]

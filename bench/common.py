@@ -55,9 +55,11 @@ def diffusers_sd15_unet() -> torch.nn.Module:
 
 
 def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
-              network: dict | None = None, train_text_encoder: bool = False) -> torch.nn.Module:
-    """LatentDiffusion from a config's model section, built directly on the GPU; `network`
-    overrides keys of its adapter section, `drop_network` removes it (a full fine-tune)."""
+              network: dict | None = None, train_text_encoder: bool = False,
+              device: str = "cuda") -> torch.nn.Module:
+    """LatentDiffusion from a config's model section, built directly on `device` (the GPU, or
+    meta for shapes only); `network` overrides keys of its adapter section, `drop_network`
+    removes it (a full fine-tune)."""
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
@@ -69,7 +71,7 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
         del cfg.params["network"]
     for key, value in (network or {}).items() if "network" in cfg.params else ():
         cfg.params.network[key] = value
-    with torch.device("cuda"):
+    with torch.device(device):
         model = instantiate_from_config({"target": cfg.target, "params": cfg.params})
     model.learning_rate = 1e-4
     return model
