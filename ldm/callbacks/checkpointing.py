@@ -7,8 +7,10 @@
   copied to host memory (a point-in-time copy, so training may go on changing the
   weights), then written while the next steps run. Writes and removals keep their order;
   a failed write stops the run at the next save, and the end of the run (also after an
-  error or Ctrl-C) waits for every write. Without the host memory for the copy it writes
-  in place, as `AtomicCheckpointIO`.
+  error or Ctrl-C) waits for every write. The host memory of a finished write is kept
+  for the next save, which copies into it (an SD 1.x full fine-tune's 11 GB: 0.8 s instead of
+  7-8 s into fresh memory on an H200, doc/PERFORMANCE.md); it is freed at the end of the run.
+  Without the host memory for the copy it writes in place, as `AtomicCheckpointIO`.
 * `RunCheckpoint` is Lightning's ModelCheckpoint with `last.ckpt` written at the end of
   training too, whatever the save interval.
 * `InterruptCheckpoint` turns the first Ctrl-C into a stop at the next batch
@@ -61,29 +63,33 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
 
     Consecutive saves of the same training state (an epoch's checkpoint and last.ckpt)
     share the host copy of every tensor that did not change in between, so they cost one
-    copy, not two."""
+    copy, not two. Once every write is done, the next save copies into the host tensors of
+    the last one (same shape and dtype) rather than into fresh memory, whose pages the
+    copy would fault in one by one."""
 
     def __init__(self) -> None:
         super().__init__()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, Future]] = []
         self._copies: dict[tuple, torch.Tensor] = {}  # the latest save's host copies, by tensor identity
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # host tensors no write uses, by (shape, dtype)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("BackgroundCheckpointIO takes no storage_options")
         self._collect(wait=False)
-        if not self._pending:
-            self._copies = {}  # host copies live only while a write may still share them
-        if not _host_memory_for(checkpoint, self._copies):
+        if not self._pending:  # no write reads the host copies any more: their memory is free to reuse
+            self._spare = _by_layout(self._copies.values())
+            self._copies = {}
+        if not _host_memory_for(checkpoint, self._copies, self._spare):
             self.wait()  # in order: behind every earlier write
             rank_zero_info(f"{path}: not enough free host memory to copy the checkpoint; writing it in place")
-            self._copies = {}
+            self._copies, self._spare = {}, {}
             atomic_torch_save(checkpoint, path)
             return
         copies: dict[tuple, torch.Tensor] = {}
-        host = apply_to_collection(checkpoint, torch.Tensor, _host_copy, self._copies, copies)
-        self._copies = copies
+        host = apply_to_collection(checkpoint, torch.Tensor, _host_copy, self._copies, copies, self._spare)
+        self._copies, self._spare = copies, {}  # spare tensors this state had no use for are freed
         self._submit(str(path), atomic_torch_save, host, path)
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -100,7 +106,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            self._copies = {}
+            self._copies, self._spare = {}, {}
 
     def _submit(self, path: str, fn: Any, *args: Any) -> None:
         if self._executor is None:
@@ -123,18 +129,46 @@ def _tensor_key(t: torch.Tensor) -> tuple:
             t._version)
 
 
-def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dict[tuple, torch.Tensor]) -> torch.Tensor:
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype
+
+
+def _by_layout(tensors: Any) -> dict[tuple, list[torch.Tensor]]:
+    spare: dict[tuple, list[torch.Tensor]] = {}
+    for t in {id(t): t for t in tensors}.values():
+        spare.setdefault(_layout(t), []).append(t)
+    return spare
+
+
+def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dict[tuple, torch.Tensor],
+               spare: dict[tuple, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """t's contents in host memory: the copy of an earlier save if t has not changed since,
+    else a copy into a spare host tensor of t's shape and dtype, else into fresh memory."""
     key = _tensor_key(t)
     if key not in copies:
-        copies[key] = previous[key] if key in previous else t.detach().to("cpu", copy=True)
+        if key in previous:
+            copies[key] = previous[key]
+        elif spare and spare.get(_layout(t)):
+            copies[key] = spare[_layout(t)].pop().copy_(t.detach())
+        else:
+            copies[key] = t.detach().to("cpu", copy=True)
     return copies[key]
 
 
-def _host_memory_for(checkpoint: dict[str, Any], previous: dict[tuple, torch.Tensor]) -> bool:
+def _host_memory_for(checkpoint: dict[str, Any], previous: dict[tuple, torch.Tensor],
+                     spare: dict[tuple, list[torch.Tensor]]) -> bool:
     """Whether the host copy fits in the memory that is free now, with a quarter to spare."""
+    reusable = {layout: len(ts) for layout, ts in spare.items()}
     needed = []
-    apply_to_collection(checkpoint, torch.Tensor,
-                        lambda t: needed.append(0 if _tensor_key(t) in previous else t.numel() * t.element_size()))
+
+    def count(t: torch.Tensor) -> None:
+        if _tensor_key(t) in previous:
+            return
+        if reusable.get(_layout(t), 0) > 0:
+            reusable[_layout(t)] -= 1
+            return
+        needed.append(t.numel() * t.element_size())
+    apply_to_collection(checkpoint, torch.Tensor, count)
     free = _available_host_memory()
     return free is None or sum(needed) * 1.25 < free
 

@@ -71,6 +71,56 @@ def test_two_saves_of_one_state_share_the_host_copy_and_removals_keep_their_orde
     assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 3.0))
 
 
+def test_a_save_after_the_writes_are_done_copies_into_the_host_memory_of_the_last_one(tmp_path, monkeypatch):
+    fresh = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: fresh.append(t.numel()) or real_to(t, *a, **k))
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f, *a, **k: saved.append(obj) or real_save(obj, f, *a, **k))
+    io, ckpt_dict = BackgroundCheckpointIO(), state(1.0)
+    io.save_checkpoint(ckpt_dict, tmp_path / "epoch=00.ckpt")
+    io.wait()
+    first = {id(saved[0]["state_dict"]["w"]), id(saved[0]["optimizer_states"][0]["state"][0]["exp_avg"])}
+    assert len(fresh) == 4
+    ckpt_dict["state_dict"]["w"].add_(1)  # an epoch of training
+    ckpt_dict["optimizer_states"][0]["state"][0]["exp_avg"].add_(1)
+    io.save_checkpoint(ckpt_dict, tmp_path / "epoch=01.ckpt")
+    io.teardown()
+    assert len(fresh) == 4  # no fresh host memory for the second save
+    assert id(saved[1]["state_dict"]["w"]) in first  # a host tensor of the first save (same shape), overwritten
+    loaded = torch.load(tmp_path / "epoch=01.ckpt", weights_only=False)
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((64,), 2.0))
+    assert torch.equal(loaded["optimizer_states"][0]["state"][0]["exp_avg"], torch.full((64,), 1.5))
+    assert torch.equal(torch.load(tmp_path / "epoch=00.ckpt", weights_only=False)["state_dict"]["w"],
+                       torch.full((64,), 1.0))  # written before its memory was reused
+
+
+def test_host_memory_a_write_still_reads_is_not_reused(tmp_path, monkeypatch):
+    gate = Gate(monkeypatch)
+    io, ckpt_dict = BackgroundCheckpointIO(), state(1.0)
+    io.save_checkpoint(ckpt_dict, tmp_path / "a.ckpt")
+    assert gate.entered.wait(10)
+    ckpt_dict["state_dict"]["w"].add_(1)
+    io.save_checkpoint(ckpt_dict, tmp_path / "b.ckpt")  # while a.ckpt is still being written
+    gate.release.set()
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 1.0))
+    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+
+
+def test_the_memory_check_counts_host_tensors_kept_for_reuse(tmp_path, monkeypatch):
+    io, ckpt_dict = BackgroundCheckpointIO(), state(1.0)
+    io.save_checkpoint(ckpt_dict, tmp_path / "a.ckpt")
+    io.wait()
+    monkeypatch.setattr(ckpt, "_available_host_memory", lambda: 100)  # bytes: far less than a fresh copy
+    ckpt_dict["state_dict"]["w"].add_(1)
+    io.save_checkpoint(ckpt_dict, tmp_path / "b.ckpt")
+    assert io._pending  # copied into the kept tensors and written in the background, not in place
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+
+
 def test_a_failed_write_names_its_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
     io = BackgroundCheckpointIO()
     io.save_checkpoint(state(1.0), tmp_path / "last.ckpt")
