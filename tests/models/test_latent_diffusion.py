@@ -158,3 +158,26 @@ def test_reset_ema_starts_from_current_weights():
     model.reset_ema()
     for name, p in model.model.named_parameters():
         assert torch.equal(getattr(model.model_ema, name.replace(".", "")), p)
+
+
+@pytest.mark.parametrize("limits, expected", [
+    ({"max_epochs": 3}, 3 * 5),                                             # 5 batches an epoch
+    ({"max_epochs": 3, "accumulate_grad_batches": 2}, 3 * 3),               # ceil(5 / 2)
+    ({"max_epochs": 3, "max_steps": 7}, 7),
+    ({"max_epochs": 2, "limit_train_batches": 2}, 2 * 2),
+    ({"max_epochs": 2, "limit_train_batches": 0.5}, 2 * 2),                 # int(5 * 0.5)
+    ({"max_epochs": -1, "max_steps": 9}, None),                             # no epoch limit: the trainer's count
+])
+def test_the_schedule_length_is_counted_from_the_plan_as_lightning_counts_it(limits, expected):
+    """Without iterating the loader (trainer.estimated_stepping_batches would start its workers
+    before the latent cache has filled the datasets): Lightning's formula on the plan's batches."""
+    from types import SimpleNamespace
+
+    from ldm.models.diffusion.ddpm import _planned_steps
+
+    train = SimpleNamespace(batch_sampler=lambda world_size, rank: range(5))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(datasets=lambda: {"train": train}), world_size=1,
+                              global_rank=0, limit_train_batches=1.0, accumulate_grad_batches=1, max_steps=-1)
+    for key, value in limits.items():
+        setattr(trainer, key, value)
+    assert _planned_steps(trainer) == expected

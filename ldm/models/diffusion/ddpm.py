@@ -19,6 +19,7 @@ buffers, and `model_ema.*` when EMA is on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
@@ -400,6 +401,24 @@ class LatentDiffusion(pl.LightningModule):
         with (self.model_ema.swapped_in(self.model) if self.use_ema else nullcontext()):
             yield
 
+    @contextmanager
+    def eval_scope(self, ema: bool = True) -> Iterator[None]:
+        """Evaluation (validation, sampling): the EMA weights (ema_scope) and, with CUDA graphs
+        (compile: reduce-overhead), the compiled blocks run uncompiled. A graph tree would take
+        each no-grad block call for a new step and reuse the memory of the earlier blocks'
+        outputs, which the UNet's skip connections still hold."""
+        with (self.ema_scope() if ema else nullcontext()), \
+                (torch.compiler.set_stance("force_eager") if self.cudagraphs else nullcontext()):
+            yield
+
+    def _schedule_steps(self) -> int | float:
+        """The learning-rate schedule's length. Counted from the data plan where there is one:
+        trainer.estimated_stepping_batches would iterate the training loader here, before
+        on_fit_start, and its persistent workers would keep datasets that the latent cache
+        (filled in on_fit_start) has not given their entries yet."""
+        planned = _planned_steps(self.trainer)
+        return self.trainer.estimated_stepping_batches if planned is None else planned
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
         if self.network_config is not None:
@@ -416,9 +435,24 @@ class LatentDiffusion(pl.LightningModule):
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         if self.compile_blocks:
             compile_updates(opt)  # adamw_bf16's update as one kernel (other optimizers: unchanged)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = self._schedule_steps() if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _planned_steps(trainer: pl.Trainer) -> int | float | None:
+    """The run's optimizer steps counted from the data plan, as trainer.estimated_stepping_batches
+    counts them from the loader (max_epochs, max_steps, limit_train_batches, accumulation); None
+    when the data module has no plan (then ask the trainer)."""
+    datasets = getattr(trainer.datamodule, "datasets", None)
+    train = datasets()["train"] if datasets is not None else None
+    if train is None or not hasattr(train, "batch_sampler") or trainer.max_epochs in (None, -1):
+        return None
+    batches = len(train.batch_sampler(trainer.world_size, trainer.global_rank))
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 
 def _unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
