@@ -22,7 +22,7 @@ row full8      300 bench/lora_step.py --impl ours --mode full --batch 8 --compil
 row full32     300 bench/train_step.py --impl ours --batch 32 --compile
 row diffusers32 300 bench/train_step.py --impl diffusers --batch 32 --compile
 row peer8      300 bench/lora_step.py --impl peer --batch 8 --compile
-row lora8cg    300 bench/lora_step.py --impl ours --mode lora --batch 8 --compile --compile_mode reduce-overhead
+row lora8cg    300 bench/lora_step.py --impl ours --mode lora --batch 8 --compile --cudagraphs
 row lowmem1    300 bench/train_step.py --impl ours --batch 1 --ckpt --low_memory --compile
 row lowmem6te  300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile
 row lowmem6teck 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --ckpt --compile

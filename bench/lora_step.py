@@ -5,7 +5,7 @@
     python bench/lora_step.py --impl ours --mode full --batch 8            # full UNet fine-tune, same loop
     python bench/lora_step.py --impl peer --batch 8                        # diffusers UNet + peft LoRA r16
     python bench/lora_step.py --impl ours --batch 8 --compile              # model.params.compile: true
-    python bench/lora_step.py --impl ours --batch 8 --compile --compile_mode reduce-overhead  # + CUDA graphs
+    python bench/lora_step.py --impl ours --batch 8 --compile --cudagraphs # compile: reduce-overhead
     python bench/lora_step.py --impl ours --batch 8 --profile              # where the GPU time goes
     python bench/lora_step.py --impl ours --batch 8 --sync_check           # every host-GPU sync in a step
 
@@ -44,9 +44,9 @@ def ours(args: argparse.Namespace):
     batch = {"latent": torch.randn(args.batch, 4, 64, 64, device="cuda"), "tokens": tokens,
              "caption": CAPTIONS[: args.batch]}
     step = our_step(model, batch, params, lr=1e-4)
-    if args.compile:
-        compile_model(model, mode=args.compile_mode)  # model.params.compile: true (regional, in place)
-    if args.compile_mode == "reduce-overhead":  # CUDA graph trees: each step starts a new replay
+    if args.compile:  # model.params.compile: true (regional, in place), or reduce-overhead with --cudagraphs
+        compile_model(model, cudagraphs=args.cudagraphs)
+    if args.cudagraphs:  # what LatentDiffusion.training_step does: each step starts a new replay
         graphed = step
 
         def step():
@@ -107,8 +107,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile (ours: regional, as the config switch)")
-    p.add_argument("--compile_mode", default=None, help="ours: torch.compile's mode for the regions, e.g. "
-                   "reduce-overhead (CUDA graphs per region); not a config switch yet")
+    p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA "
+                   "graphs (model.params.compile: reduce-overhead)")
     p.add_argument("--targets", nargs="+", default=["unet", "text_encoder"], help="ours: what the adapters wrap")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -122,7 +122,7 @@ def main() -> None:
     if args.sync_check:
         return sync_check(step)
     emit(time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, mode=args.mode, ckpt=args.ckpt,
-                    compile=args.compile, compile_mode=args.compile_mode,
+                    compile=args.compile, cudagraphs=args.cudagraphs,
                     rank=args.rank, trainable_M=round(trainable / 1e6, 2)))
 
 

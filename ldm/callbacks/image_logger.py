@@ -169,7 +169,8 @@ def make_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Ima
 
 @contextmanager
 def sampling_mode(pl_module: pl.LightningModule) -> Iterator[None]:
-    """eval(), no_grad, EMA weights, cudnn.benchmark off; afterwards every submodule's train
+    """eval(), no_grad, LatentDiffusion.eval_scope (EMA weights), cudnn.benchmark off;
+    afterwards every submodule's train
     flag, the benchmark flag and the torch CPU and CUDA RNG states are as they were.
 
     Benchmark mode is off because sample sizes vary by prompt: benchmarking each new shape
@@ -182,7 +183,7 @@ def sampling_mode(pl_module: pl.LightningModule) -> Iterator[None]:
     pl_module.eval()
     torch.backends.cudnn.benchmark = False
     try:
-        with torch.no_grad(), pl_module.ema_scope():
+        with torch.no_grad(), pl_module.eval_scope():
             yield
     finally:
         torch.backends.cudnn.benchmark = benchmark

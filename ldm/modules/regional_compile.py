@@ -15,6 +15,15 @@ The VAE encoder runs in every step unless latents are cached (`cache_latents`), 
 graph per image shape. The latent cache's one-off pass runs it uncompiled
 (ldm.data.latent_cache), since each of its batch shapes would compile for a single use.
 
+`compile: reduce-overhead` also records the UNet blocks as CUDA graphs (torch's CUDA graph
+trees): a LoRA step at batch 8 is bound by the host's ~5,600 kernel launches, and a graph
+replay launches a block's forward or backward at once (doc/PERFORMANCE.md). The text encoder
+and the VAE encoder are compiled without graphs: a graph tree takes each call that has no
+backward pending for an earlier one as the start of a new step and reuses the memory of the
+previous step's outputs, and a frozen encoder runs before the UNet without grad, so its
+outputs would be overwritten. Evaluation (validation, sampling) runs without grad too; it
+runs the blocks uncompiled (`LatentDiffusion.eval_scope`).
+
 `nn.Module.compile` works in place, so parameter names (the state-dict contract with the
 CompVis checkpoints) are unchanged.
 
@@ -57,14 +66,16 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", mode:
     return len(blocks)
 
 
-def compile_model(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> str:
-    """Compile a LatentDiffusion's UNet and text-encoder blocks and its VAE encoder; returns a
-    line for the log."""
-    n_unet = compile_blocks(unet_blocks(model.model.diffusion_model), backend, mode)
-    n_text = compile_blocks(model.cond_stage_model.blocks(), backend, mode)
-    compile_blocks([model.first_stage_model.encoder], backend, mode)
-    return (f"torch.compile ({backend}{', ' + mode if mode else ''}): {n_unet} UNet blocks, {n_text} "
-            "text-encoder layers and the VAE encoder, compiled on first use (the first step takes a minute or more)")
+def compile_model(model: nn.Module, backend: str = "inductor", cudagraphs: bool = False) -> str:
+    """Compile a LatentDiffusion's UNet and text-encoder blocks and its VAE encoder, the UNet
+    blocks with CUDA graphs if asked; returns a line for the log."""
+    unet_mode = "reduce-overhead" if cudagraphs else None
+    n_unet = compile_blocks(unet_blocks(model.model.diffusion_model), backend, unet_mode)
+    n_text = compile_blocks(model.cond_stage_model.blocks(), backend)
+    compile_blocks([model.first_stage_model.encoder], backend)
+    graphs = " (as CUDA graphs)" if cudagraphs else ""
+    return (f"torch.compile ({backend}): {n_unet} UNet blocks{graphs}, {n_text} text-encoder layers and the VAE "
+            "encoder, compiled on first use (the first step takes a minute or more)")
 
 
 def _raise_recompile_limit(needed: int) -> None:

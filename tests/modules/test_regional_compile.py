@@ -10,6 +10,7 @@ two CPU cores); what the inductor backend does to them is measured on the GPU
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,9 +89,52 @@ def test_new_bucket_shapes_and_sampling_stay_compiled():
                         model.get_learned_conditioning(["a cat"]))
 
 
-def test_compile_must_be_a_boolean():
-    with pytest.raises(ValueError, match="model.params.compile"):
+def test_compile_must_be_a_boolean_or_reduce_overhead():
+    with pytest.raises(ValueError, match="model.params.compile: expected true, false or reduce-overhead"):
         tiny(False, compile="yes")
+
+
+def test_cuda_graphs_are_for_adapters_without_gradient_checkpointing():
+    with pytest.raises(ValueError, match="reduce-overhead .* is for adapter training"):
+        tiny(False, compile="reduce-overhead")
+    cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model.params.unet_config
+    cfg.params.use_checkpoint = True
+    with pytest.raises(ValueError, match="does not go with gradient checkpointing .*use_checkpoint"):
+        tiny(True, compile="reduce-overhead", unet_config=cfg)
+
+
+def test_cuda_graphs_cover_the_unet_blocks_only(monkeypatch):
+    modes = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.__setitem__(id(self), kw["mode"]))
+    model = tiny(True, compile="reduce-overhead")
+    monkeypatch.setattr(type(model), "trainer", property(lambda self: SimpleNamespace(precision="32-true")))
+    model.setup("fit")
+    assert {modes[id(b)] for b in unet_blocks(model.model.diffusion_model)} == {"reduce-overhead"}
+    others = model.cond_stage_model.blocks() + [model.first_stage_model.encoder]
+    assert {modes[id(b)] for b in others} == {None}  # their no-grad calls would end a graph tree's step
+
+
+def test_cuda_graphs_mark_each_training_step_and_evaluate_uncompiled(monkeypatch):
+    """Each training step tells the graph trees a new step begins; validation runs with the
+    compiled code set aside (force_eager), training does not."""
+    model = tiny(True, compile="reduce-overhead")
+    events = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
+    real_stance = torch.compiler.set_stance
+
+    def stance(name, **kw):
+        events.append(name)
+        return real_stance(name, **kw)
+    monkeypatch.setattr(torch.compiler, "set_stance", stance)
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    batch = {"latent": torch.randn(2, 4, 8, 8), "caption": ["a", "b"], "path": ["a.png", "b.png"],
+             "tokens": model.cond_stage_model.tokenize(["a", "b"])}
+    model.noise_rng = torch.Generator().manual_seed(0)
+    model.training_step(batch, 0)
+    assert events == ["step"]
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+    assert events == ["step", "force_eager"]
 
 
 def test_the_config_switch_compiles_at_setup_once():

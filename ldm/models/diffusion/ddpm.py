@@ -76,7 +76,7 @@ class LatentDiffusion(pl.LightningModule):
         ema_decay: float = 0.9999,
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         unet_precision: str = "fp32",
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
@@ -153,14 +153,29 @@ class LatentDiffusion(pl.LightningModule):
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
 
-        if not isinstance(compile, bool):
-            raise ValueError(f"model.params.compile: expected true or false, got {compile!r}")
-        self.compile_blocks = compile
+        if not (isinstance(compile, bool) or compile == "reduce-overhead"):
+            raise ValueError(f"model.params.compile: expected true, false or reduce-overhead, got {compile!r}")
+        self.compile_blocks = bool(compile)
+        self.cudagraphs = compile == "reduce-overhead"
         self.unet_dtype = _unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
         self._compiled = False
         self.network_config: NetworkConfig | None = None
         if network is not None:
             self._add_network(NetworkConfig.from_mapping(network))
+        if self.cudagraphs:
+            self._check_cudagraphs(unet_config)
+
+    def _check_cudagraphs(self, unet_config: Mapping[str, Any]) -> None:
+        """compile: reduce-overhead where it is measured: adapter training without gradient
+        checkpointing (a checkpointed block would replay its forward inside the backward)."""
+        if self.network_config is None:
+            raise ValueError("model.params.compile: reduce-overhead (CUDA graphs) is for adapter training "
+                             "(a model.params.network section); full fine-tunes use compile: true")
+        if unet_config.get("params", {}).get("use_checkpoint", False):
+            raise ValueError("model.params.compile: reduce-overhead does not go with gradient checkpointing "
+                             "(model.params.unet_config.params.use_checkpoint: true); use compile: true")
+        if not hasattr(torch.compiler, "set_stance"):
+            raise ValueError(f"model.params.compile: reduce-overhead needs torch >= 2.6 (this is {torch.__version__})")
 
     def _add_network(self, cfg: NetworkConfig) -> None:
         """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
@@ -305,7 +320,7 @@ class LatentDiffusion(pl.LightningModule):
             if not self.cond_stage_trainable:
                 self.cond_stage_model.to(self.unet_dtype)
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
-            rank_zero_info(compile_model(self))
+            rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs))
             self._compiled = True
 
     def _use_config_schedule(self) -> None:
@@ -350,6 +365,8 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---- Lightning hooks ---------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are free to reuse
         loss = self.shared_step(batch)
         n = len(batch["caption"])
         with torch.no_grad():  # an exponential moving average on the device: no host sync
@@ -388,12 +405,13 @@ class LatentDiffusion(pl.LightningModule):
         """`val/loss` (fixed_noise_loss, so epochs compare) with the EMA weights when EMA is on
         (what pruning exports), and `val/loss_no_ema` with the raw ones."""
         n = len(batch["caption"])
-        with self.ema_scope():
+        with self.eval_scope():
             self.log("val/loss", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
                      prog_bar=True, sync_dist=True)
         if self.use_ema:
-            self.log("val/loss_no_ema", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
-                     sync_dist=True)
+            with self.eval_scope(ema=False):
+                self.log("val/loss_no_ema", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
+                         sync_dist=True)
 
     @contextmanager
     def ema_scope(self) -> Iterator[None]:
