@@ -42,7 +42,7 @@ so each block compiles for up to SHAPES different input shapes; beyond that torc
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -76,6 +76,19 @@ def compile_model(model: nn.Module, backend: str = "inductor", cudagraphs: bool 
     graphs = " (as CUDA graphs)" if cudagraphs else ""
     return (f"torch.compile ({backend}): {n_unet} UNet blocks{graphs}, {n_text} text-encoder layers and the VAE "
             "encoder, compiled on first use (the first step takes a minute or more)")
+
+
+def check_cudagraphs(adapters: bool, unet_config: Mapping[str, Any]) -> None:
+    """compile: reduce-overhead where it is measured: adapter training without gradient
+    checkpointing (a checkpointed block would replay its forward inside the backward)."""
+    if not adapters:
+        raise ValueError("model.params.compile: reduce-overhead (CUDA graphs) is for adapter training "
+                         "(a model.params.network section); full fine-tunes use compile: true")
+    if (unet_config.get("params") or {}).get("use_checkpoint", False):
+        raise ValueError("model.params.compile: reduce-overhead does not go with gradient checkpointing "
+                         "(model.params.unet_config.params.use_checkpoint: true); use compile: true")
+    if not hasattr(torch.compiler, "set_stance"):
+        raise ValueError(f"model.params.compile: reduce-overhead needs torch >= 2.6 (this is {torch.__version__})")
 
 
 def _raise_recompile_limit(needed: int) -> None:

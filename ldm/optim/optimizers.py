@@ -26,6 +26,7 @@ error that names the pip extra to install.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -37,7 +38,8 @@ from ldm.optim.registry import OPTIMIZERS, import_optional
 from ldm.optim.schedules import DEFAULT_KEY, TEXT_ENCODER, check_schedule, check_text_encoder_stop, make_scheduler
 from ldm.util import ConfigError, section_values
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "build_optimizer", "build_scheduler", "import_optional"]
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "build_optimizer", "build_scheduler", "import_optional", "planned_steps",
+           "schedule_steps"]
 
 PARAM_GROUPS = ("unet", TEXT_ENCODER)  # the trainable parts, in param-group order
 
@@ -151,3 +153,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, tota
         rank_zero_warn(f"{key}.text_encoder_stop: the text encoder is not trained, so there is nothing to stop")
     return make_scheduler(optimizer, cfg.scheduler, total_steps, cfg.warmup, cfg.num_cycles, cfg.power,
                           cfg.min_lr_ratio, key, text_encoder_stop=cfg.text_encoder_stop)
+
+
+def schedule_steps(trainer: Any) -> int | float:
+    """The run's optimizer steps, the learning-rate schedule's length: counted from the data
+    plan as trainer.estimated_stepping_batches counts them from the loader (max_epochs,
+    max_steps, limit_train_batches, accumulation). That property iterates the training loader,
+    and called in configure_optimizers (before on_fit_start) it would fork persistent workers
+    holding datasets that the latent cache has not given their entries yet. Without a plan, or
+    without an epoch limit, the trainer counts."""
+    planned = planned_steps(trainer)
+    return trainer.estimated_stepping_batches if planned is None else planned
+
+
+def planned_steps(trainer: Any) -> int | float | None:
+    """schedule_steps' count from the data plan; None without a plan or an epoch limit."""
+    datasets = getattr(trainer.datamodule, "datasets", None)
+    train = datasets()["train"] if datasets is not None else None
+    if train is None or not hasattr(train, "batch_sampler") or trainer.max_epochs in (None, -1):
+        return None
+    batches = len(train.batch_sampler(trainer.world_size, trainer.global_rank))
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total

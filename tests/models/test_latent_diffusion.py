@@ -173,11 +173,11 @@ def test_the_schedule_length_is_counted_from_the_plan_as_lightning_counts_it(lim
     before the latent cache has filled the datasets): Lightning's formula on the plan's batches."""
     from types import SimpleNamespace
 
-    from ldm.models.diffusion.ddpm import _planned_steps
+    from ldm.optim.optimizers import planned_steps
 
     train = SimpleNamespace(batch_sampler=lambda world_size, rank: range(5))
     trainer = SimpleNamespace(datamodule=SimpleNamespace(datasets=lambda: {"train": train}), world_size=1,
                               global_rank=0, limit_train_batches=1.0, accumulate_grad_batches=1, max_steps=-1)
     for key, value in limits.items():
         setattr(trainer, key, value)
-    assert _planned_steps(trainer) == expected
+    assert planned_steps(trainer) == expected

@@ -19,7 +19,6 @@ buffers, and `model_ema.*` when EMA is on.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
@@ -35,9 +34,9 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.regional_compile import compile_model
+from ldm.modules.regional_compile import check_cudagraphs, compile_model
 from ldm.optim.low_memory import check_trainer, compile_updates
-from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
 
 
@@ -163,19 +162,7 @@ class LatentDiffusion(pl.LightningModule):
         if network is not None:
             self._add_network(NetworkConfig.from_mapping(network))
         if self.cudagraphs:
-            self._check_cudagraphs(unet_config)
-
-    def _check_cudagraphs(self, unet_config: Mapping[str, Any]) -> None:
-        """compile: reduce-overhead where it is measured: adapter training without gradient
-        checkpointing (a checkpointed block would replay its forward inside the backward)."""
-        if self.network_config is None:
-            raise ValueError("model.params.compile: reduce-overhead (CUDA graphs) is for adapter training "
-                             "(a model.params.network section); full fine-tunes use compile: true")
-        if unet_config.get("params", {}).get("use_checkpoint", False):
-            raise ValueError("model.params.compile: reduce-overhead does not go with gradient checkpointing "
-                             "(model.params.unet_config.params.use_checkpoint: true); use compile: true")
-        if not hasattr(torch.compiler, "set_stance"):
-            raise ValueError(f"model.params.compile: reduce-overhead needs torch >= 2.6 (this is {torch.__version__})")
+            check_cudagraphs(self.network_config is not None, unet_config)
 
     def _add_network(self, cfg: NetworkConfig) -> None:
         """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
@@ -429,14 +416,6 @@ class LatentDiffusion(pl.LightningModule):
                 (torch.compiler.set_stance("force_eager") if self.cudagraphs else nullcontext()):
             yield
 
-    def _schedule_steps(self) -> int | float:
-        """The learning-rate schedule's length. Counted from the data plan where there is one:
-        trainer.estimated_stepping_batches would iterate the training loader here, before
-        on_fit_start, and its persistent workers would keep datasets that the latent cache
-        (filled in on_fit_start) has not given their entries yet."""
-        planned = _planned_steps(self.trainer)
-        return self.trainer.estimated_stepping_batches if planned is None else planned
-
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
         if self.network_config is not None:
@@ -453,24 +432,11 @@ class LatentDiffusion(pl.LightningModule):
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         if self.compile_blocks:
             compile_updates(opt)  # adamw_bf16's update as one kernel (other optimizers: unchanged)
-        total = self._schedule_steps() if self._trainer is not None else 1
+        # from the data plan: trainer.estimated_stepping_batches would iterate the loader here,
+        # forking its workers before on_fit_start fills the latent cache (ldm.optim.optimizers)
+        total = schedule_steps(self.trainer) if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _planned_steps(trainer: pl.Trainer) -> int | float | None:
-    """The run's optimizer steps counted from the data plan, as trainer.estimated_stepping_batches
-    counts them from the loader (max_epochs, max_steps, limit_train_batches, accumulation); None
-    when the data module has no plan (then ask the trainer)."""
-    datasets = getattr(trainer.datamodule, "datasets", None)
-    train = datasets()["train"] if datasets is not None else None
-    if train is None or not hasattr(train, "batch_sampler") or trainer.max_epochs in (None, -1):
-        return None
-    batches = len(train.batch_sampler(trainer.world_size, trainer.global_rank))
-    limit = trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-    total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 
 def _unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
