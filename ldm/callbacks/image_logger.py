@@ -170,8 +170,8 @@ def make_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Ima
 @contextmanager
 def sampling_mode(pl_module: pl.LightningModule) -> Iterator[None]:
     """eval(), no_grad, LatentDiffusion.eval_scope (EMA weights), cudnn.benchmark off;
-    afterwards every submodule's train
-    flag, the benchmark flag and the torch CPU and CUDA RNG states are as they were.
+    afterwards every submodule's train flag, the benchmark flag and the torch CPU and CUDA
+    RNG states are as they were.
 
     Benchmark mode is off because sample sizes vary by prompt: benchmarking each new shape
     costs time, and its trial workspaces for the VAE decoder's fp32 convolutions took ~30 GiB
