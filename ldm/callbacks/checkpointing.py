@@ -10,9 +10,12 @@
   error or Ctrl-C) waits for every write. The host memory of a finished write is kept
   for the next save, which copies into it (an SD 1.x full fine-tune's 11 GB: 0.8 s instead of
   7-8 s into fresh memory on an H200, doc/PERFORMANCE.md); it is freed at the end of the run.
-  Without the host memory for the copy it writes in place, as `AtomicCheckpointIO`.
+  For the run's first save, `reserve` allocates and touches that memory from the writer
+  thread while training goes on. Without the host memory for the copy it writes in place,
+  as `AtomicCheckpointIO`.
 * `RunCheckpoint` is Lightning's ModelCheckpoint with `last.ckpt` written at the end of
-  training too, whatever the save interval.
+  training too, whatever the save interval, and the first save's host memory reserved
+  after the first optimizer step (once the optimizer's state exists).
 * `InterruptCheckpoint` turns the first Ctrl-C into a stop at the next batch
   boundary (a second Ctrl-C aborts at once), and on Ctrl-C, SIGTERM or an
   exception saves `interrupted-epoch=EE-step=SSSSS.ckpt` (or `errored-...`) and
@@ -25,7 +28,7 @@ import signal
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -73,6 +76,22 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._pending: list[tuple[str, Future]] = []
         self._copies: dict[tuple, torch.Tensor] = {}  # the latest save's host copies, by tensor identity
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # host tensors no write uses, by (shape, dtype)
+        self._reserved: Future | None = None  # reserve(): the writer thread touching host tensors
+
+    def reserve(self, tensors: Iterable[torch.Tensor]) -> bool:
+        """Allocate host tensors for a copy of `tensors` (the next checkpoint's) and write
+        every page of them, in the writer thread, so that the first save copies into touched
+        memory as the later ones do. Only while no host memory is kept and when the copy fits
+        in the free memory (the rule of save_checkpoint); returns whether it was queued."""
+        if self._copies or self._spare or self._reserved is not None:
+            return False
+        layouts = [_layout(t) for t in {_tensor_key(t): t for t in tensors}.values()]
+        needed = sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layouts)
+        free = _available_host_memory()
+        if free is not None and needed * 1.25 >= free:
+            return False
+        self._reserved = self._executor_().submit(_touched_host_tensors, layouts)
+        return True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -81,6 +100,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         if not self._pending:  # no write reads the host copies any more: their memory is free to reuse
             self._spare = _by_layout(self._copies.values())
             self._copies = {}
+        self._take_reserved()
         if not _host_memory_for(checkpoint, self._copies, self._spare):
             self.wait()  # in order: behind every earlier write
             rank_zero_info(f"{path}: not enough free host memory to copy the checkpoint; writing it in place")
@@ -106,12 +126,28 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            self._copies, self._spare = {}, {}
+            self._copies, self._spare, self._reserved = {}, {}, None
 
-    def _submit(self, path: str, fn: Any, *args: Any) -> None:
+    def _executor_(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending.append((path, self._executor.submit(fn, *args)))
+        return self._executor
+
+    def _submit(self, path: str, fn: Any, *args: Any) -> None:
+        self._pending.append((path, self._executor_().submit(fn, *args)))
+
+    def _take_reserved(self) -> None:
+        """Add the reserved host tensors to the spare ones (waiting if they are still being touched)."""
+        if self._reserved is None:
+            return
+        try:
+            reserved = self._reserved.result()
+        except Exception as e:  # e.g. MemoryError: this save copies into fresh memory instead
+            rank_zero_warn(f"could not reserve host memory for the checkpoint copy: {e}")
+            reserved = {}
+        self._reserved = None
+        for layout, tensors in reserved.items():
+            self._spare.setdefault(layout, []).extend(tensors)
 
     def _collect(self, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][1].done()):
@@ -137,6 +173,15 @@ def _by_layout(tensors: Any) -> dict[tuple, list[torch.Tensor]]:
     spare: dict[tuple, list[torch.Tensor]] = {}
     for t in {id(t): t for t in tensors}.values():
         spare.setdefault(_layout(t), []).append(t)
+    return spare
+
+
+def _touched_host_tensors(layouts: list[tuple]) -> dict[tuple, list[torch.Tensor]]:
+    """Zero-filled host tensors of these (shape, dtype) layouts: the fill writes every page,
+    so the copy into them later faults none in."""
+    spare: dict[tuple, list[torch.Tensor]] = {}
+    for shape, dtype in layouts:
+        spare.setdefault((shape, dtype), []).append(torch.zeros(shape, dtype=dtype))
     return spare
 
 
@@ -188,11 +233,42 @@ def _available_host_memory() -> int | None:
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` is always the state training ended with, also when
-    the last save by step or epoch came a few steps before the end."""
+    the last save by step or epoch came a few steps before the end. After the first
+    optimizer step it asks a checkpoint IO with `reserve` (BackgroundCheckpointIO) for the
+    host memory of the first save, when it saves during training (by epoch, step or time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reserve_asked = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._reserve_asked or trainer.global_step == 0:  # the optimizer's state comes with its first step
+            return
+        self._reserve_asked = True
+        reserve = getattr(trainer.strategy.checkpoint_io, "reserve", None)
+        saves_in_training = self._every_n_epochs or self._every_n_train_steps or self._train_time_interval
+        if reserve is not None and saves_in_training and trainer.is_global_zero:
+            reserve(checkpoint_tensors(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def checkpoint_tensors(trainer: pl.Trainer) -> list[torch.Tensor]:
+    """The tensors the next checkpoint will hold, near enough for reserving their host
+    memory: the module's state dict (as its `saved_state_dict` trims it, if it has one) and
+    the optimizers' state."""
+    module = trainer.lightning_module
+    state = module.state_dict()
+    trim = getattr(module, "saved_state_dict", None)
+    tensors = list((trim(state) if trim is not None else state).values())
+    for optimizer in trainer.optimizers:
+        for param_state in optimizer.state_dict()["state"].values():
+            tensors += [v for v in param_state.values() if isinstance(v, torch.Tensor)]
+    return tensors
 
 
 class _StopRequested(KeyboardInterrupt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import ldm.callbacks.checkpointing as ckpt
@@ -155,3 +156,119 @@ def test_main_writes_in_the_background_unless_last_is_a_link():
     assert type(checkpoint_io_for(OmegaConf.create({}))) is BackgroundCheckpointIO
     link = OmegaConf.create({"lightning": {"modelcheckpoint": {"params": {"save_last": "link"}}}})
     assert type(checkpoint_io_for(link)) is ckpt.AtomicCheckpointIO
+
+
+def _saved_objects(monkeypatch) -> list:
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f, *a, **k: saved.append(obj) or real_save(obj, f, *a, **k))
+    return saved
+
+
+def test_the_first_save_copies_into_host_memory_reserved_in_the_writer_thread(tmp_path, monkeypatch):
+    touched = []
+    real_touch = ckpt._touched_host_tensors
+    monkeypatch.setattr(ckpt, "_touched_host_tensors",
+                        lambda layouts: touched.append(threading.current_thread().name) or real_touch(layouts))
+    saved = _saved_objects(monkeypatch)
+    fresh = []
+    real_to = torch.Tensor.to
+    io, ckpt_dict = BackgroundCheckpointIO(), state(3.0)
+    sd, moments = ckpt_dict["state_dict"], ckpt_dict["optimizer_states"][0]["state"][0]
+    assert io.reserve([sd["w"], sd["b"], moments["exp_avg"], sd["w"]])  # a tensor named twice is reserved once
+    assert not io.reserve([sd["w"]])  # once only
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: fresh.append(t.numel()) or real_to(t, *a, **k))
+    io.save_checkpoint(ckpt_dict, tmp_path / "epoch=00.ckpt")
+    io.teardown()
+    assert touched and touched[0].startswith("checkpoint-writer")
+    assert fresh == [1]  # only the tensor that was not reserved (the callback's best score) got fresh memory
+    loaded = torch.load(tmp_path / "epoch=00.ckpt", weights_only=False)
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((64,), 3.0))
+    assert torch.equal(loaded["optimizer_states"][0]["state"][0]["exp_avg"], torch.full((64,), 1.5))
+    assert saved[0]["state_dict"]["w"] is not saved[0]["optimizer_states"][0]["state"][0]["exp_avg"]
+
+
+def test_no_reservation_without_the_free_memory_for_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "_available_host_memory", lambda: 300)  # bytes: the copy needs 2 x 256 + 12
+    io, ckpt_dict = BackgroundCheckpointIO(), state(1.0)
+    assert not io.reserve([ckpt_dict["state_dict"]["w"], ckpt_dict["optimizer_states"][0]["state"][0]["exp_avg"]])
+    assert io._reserved is None
+    io.teardown()
+
+
+def test_a_failed_reservation_only_costs_the_first_save_fresh_memory(tmp_path, monkeypatch):
+    def no_memory(layouts):
+        raise MemoryError("cannot allocate")
+    monkeypatch.setattr(ckpt, "_touched_host_tensors", no_memory)
+    io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
+    assert io.reserve(ckpt_dict["state_dict"].values())
+    with pytest.warns(UserWarning, match="could not reserve host memory for the checkpoint copy: cannot allocate"):
+        io.save_checkpoint(ckpt_dict, tmp_path / "a.ckpt")
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(6, 8))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("every_n_epochs", [1, 0])
+def test_run_checkpoint_reserves_the_first_saves_memory_after_the_first_step(tmp_path, monkeypatch, every_n_epochs):
+    io = BackgroundCheckpointIO()
+    reserved, steps_at_reserve = [], []
+    real_touch = ckpt._touched_host_tensors
+
+    def touch(layouts):
+        out = real_touch(layouts)
+        reserved.extend(t for ts in out.values() for t in ts)
+        return out
+    monkeypatch.setattr(ckpt, "_touched_host_tensors", touch)
+    real_reserve = io.reserve
+    monkeypatch.setattr(io, "reserve", lambda tensors: steps_at_reserve.append(trainer.global_step)
+                        or real_reserve(tensors))
+    saved = _saved_objects(monkeypatch)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, plugins=[io],
+                         callbacks=[ckpt.RunCheckpoint(dirpath=tmp_path, every_n_epochs=every_n_epochs,
+                                                       save_top_k=-1, save_last=True)])
+    model = _Tiny()
+    trainer.fit(model)
+    io.teardown()
+    if not every_n_epochs:  # saves only at the end: no host memory held through the run
+        assert steps_at_reserve == [] and reserved == [] and [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
+        return
+    assert steps_at_reserve == [1]  # once, after the first optimizer step
+    first = saved[0]
+    weights = list(first["state_dict"].values())
+    moments = [v for s in first["optimizer_states"][0]["state"].values() for k, v in s.items() if k != "step"]
+    assert len(weights) == 2 and len(moments) == 4
+    assert all(any(t is r for r in reserved) for t in weights + moments)  # copied into the reserved memory
+    files = {name: torch.load(tmp_path / name, weights_only=False)["state_dict"]["layer.weight"]
+             for name in ("epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt", "last.ckpt")}
+    assert torch.equal(files["last.ckpt"], model.layer.weight.detach())
+    assert torch.equal(files["epoch=1-step=6.ckpt"], files["last.ckpt"])
+    assert not torch.equal(files["epoch=0-step=3.ckpt"], files["last.ckpt"])  # written before its memory was reused
+
+
+def test_checkpoint_tensors_are_the_state_the_module_saves_and_the_optimizer_state():
+    model = _Tiny()
+    optimizer = model.configure_optimizers()
+    model.layer(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    trainer = type("T", (), {"lightning_module": model, "optimizers": [optimizer]})()
+    assert len(ckpt.checkpoint_tensors(trainer)) == 2 + 2 * 3  # weight, bias; step and two moments each
+    model.saved_state_dict = lambda sd: {k: v for k, v in sd.items() if k.endswith("bias")}  # an adapter run's trim
+    tensors = ckpt.checkpoint_tensors(trainer)
+    assert len(tensors) == 1 + 6 and tensors[0] is not None and tensors[0].shape == (8,)

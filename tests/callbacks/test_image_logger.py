@@ -1,3 +1,4 @@
+import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -115,7 +116,7 @@ def test_batch_and_prompt_grids_are_written_and_the_prompts_file_reread(tiny_mod
     logger.on_train_batch_end(fake_trainer(tmp_path, 1), tiny_model, None, batch(["a", "b", "c"]), 0)
     assert not out.exists()  # step 1 is not a multiple of batch_frequency
     logger.on_train_batch_end(fake_trainer(tmp_path, 2), tiny_model, None, batch(["cap one", "cap two", "c"]), 1)
-
+    logger.wait()  # the writer thread
     grid = load(out / "samples_gs-000002_e-00_batch.png")
     assert grid.size == (2 * 32, 32)  # max_images=2 captions, at the batch's 32x32 size
     assert (out / "samples_gs-000002_e-00_batch.txt").read_text().splitlines() == [
@@ -128,6 +129,7 @@ def test_batch_and_prompt_grids_are_written_and_the_prompts_file_reread(tiny_mod
 
     prompts.write_text("a red square --w 64 --h 32 --s 3\n\na tree --d 99 --l 1\n")  # edited mid-run
     logger.on_train_epoch_end(fake_trainer(tmp_path, 3, epoch=1), tiny_model)
+    logger.wait()
     assert (out / "samples_gs-000003_e-01_prompts.txt").read_text().splitlines() == [
         "a red square --n blurry --w 64 --h 32 --d 10 --s 3 --l 7.5",
         "a tree --n blurry --w 32 --h 32 --d 99 --s 2 --l 1.0"]  # default size: image_size 8 x 4 px
@@ -143,10 +145,12 @@ def test_each_step_is_sampled_once_and_only_on_rank_zero(tiny_model, tmp_path):
     logger.on_train_batch_end(fake_trainer(tmp_path, 0), tiny_model, None, batch(["a"]), 0)
     assert not images_dir(tmp_path).exists()  # never at step 0
     logger.on_train_batch_end(fake_trainer(tmp_path, 1), tiny_model, None, batch(["a"]), 0)
+    logger.wait()
     png = images_dir(tmp_path) / "samples_gs-000001_e-00_batch.png"
     stamp = png.stat().st_mtime_ns
     logger.on_train_batch_end(fake_trainer(tmp_path, 1), tiny_model, None, batch(["a"]), 1)  # accumulation
     logger.on_train_epoch_end(fake_trainer(tmp_path, 1), tiny_model)
+    logger.wait()
     assert png.stat().st_mtime_ns == stamp and len(list(images_dir(tmp_path).iterdir())) == 2
 
     other = tmp_path / "rank1"
@@ -194,6 +198,7 @@ def test_a_broken_prompts_file_fails_at_start_and_warns_mid_run(tiny_model, tmp_
         logger.on_fit_start(fake_trainer(tmp_path, 0), tiny_model)
     with pytest.warns(UserWarning, match=rf"{prompts}:2: --w 'lots'.*skipping the prompts grid at step 1"):
         logger.on_train_batch_end(fake_trainer(tmp_path, 1), tiny_model, None, batch(["a"]), 0)
+    logger.wait()
     assert sorted(p.name for p in images_dir(tmp_path).iterdir()) == [
         "samples_gs-000001_e-00_batch.png", "samples_gs-000001_e-00_batch.txt"]
 
@@ -203,12 +208,15 @@ def test_batch_size_comes_from_latents_and_is_capped(tiny_model, tmp_path):
     latents = {"caption": ["a"], "latent": torch.zeros(1, 4, 8, 16)}  # 32x64 px
     data_64px = SimpleNamespace(resolution=64)
     logger.on_train_batch_end(fake_trainer(tmp_path, 1, datamodule=data_64px), tiny_model, None, latents, 0)
+    logger.wait()
     assert load(images_dir(tmp_path) / "samples_gs-000001_e-00_batch.png").size == (64, 32)
     big = batch(["a"], height=96, width=192)  # x0.47 to fit in 64^2 px: 45x90 -> 32x64
     logger.on_train_batch_end(fake_trainer(tmp_path, 2, datamodule=data_64px), tiny_model, None, big, 0)
+    logger.wait()
     assert load(images_dir(tmp_path) / "samples_gs-000002_e-00_batch.png").size == (64, 32)
     # without a data module resolution: the model's image_size, 8 latent px = 32 px
     logger.on_train_batch_end(fake_trainer(tmp_path, 3), tiny_model, None, big, 0)
+    logger.wait()
     assert load(images_dir(tmp_path) / "samples_gs-000003_e-00_batch.png").size == (32, 32)
 
 
@@ -277,8 +285,29 @@ def test_long_prompts_sample_with_a_long_prompt_text_encoder(tmp_path):
     model.model.register_forward_pre_hook(lambda module, args: contexts.append(args[2].shape))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{long} --n blurry --w 32 --h 32 --s 2\n")
-    ImageLogger(batch_frequency=1, steps=2, prompts_file=str(prompts), logdir=str(tmp_path)).log_samples(
-        fake_trainer(tmp_path, 1), model)
+    logger = ImageLogger(batch_frequency=1, steps=2, prompts_file=str(prompts), logdir=str(tmp_path))
+    logger.log_samples(fake_trainer(tmp_path, 1), model)
+    logger.wait()
     assert (images_dir(tmp_path) / "samples_gs-000001_e-00_prompts.png").exists()
     assert contexts and all(shape[1:] == (154, model.cond_stage_model.transformer.text_model.config.hidden_size)
                             for shape in contexts)
+
+
+def test_grids_are_written_in_a_writer_thread_and_a_failed_write_names_its_file(tiny_model, tmp_path, monkeypatch):
+    threads, real_save = [], Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", lambda im, fp, *a, **k: threads.append(threading.current_thread().name)
+                        or real_save(im, fp, *a, **k))
+    logger = ImageLogger(batch_frequency=1, steps=2, logdir=str(tmp_path))
+    logger.on_train_batch_end(fake_trainer(tmp_path, 1), tiny_model, None, batch(["a"]), 0)
+    logger.teardown(None, tiny_model, "fit")  # the end of the run waits for the writes
+    assert (images_dir(tmp_path) / "samples_gs-000001_e-00_batch.png").exists()
+    assert threads and all(name.startswith("sample-grid-writer") for name in threads)
+
+    def full_disk(im, fp, *args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    logger.on_train_batch_end(fake_trainer(tmp_path, 2), tiny_model, None, batch(["a"]), 0)
+    with pytest.raises(RuntimeError, match=r"could not write sample grid .*samples_gs-000002_e-00_batch.png: "
+                                           r"No space left"):
+        logger.wait()
+    logger.teardown(None, tiny_model, "fit")

@@ -290,9 +290,16 @@ class LatentDiffusion(pl.LightningModule):
         if self.noise_rng is not None:
             checkpoint["noise_rng_state"] = self.noise_rng.get_state()
             checkpoint["host_rng_state"] = self.host_rng.get_state()
-        if self.network_config is not None:  # the frozen base comes from --actual_resume again
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+        checkpoint["state_dict"] = self.saved_state_dict(checkpoint["state_dict"])
+        if self.network_config is not None:
             checkpoint["adapter_only"] = True
+
+    def saved_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a training checkpoint keeps of the state dict: all of it, or only the adapter
+        weights (`network.*`) in an adapter run, whose frozen base comes from --actual_resume again."""
+        if self.network_config is None:
+            return state_dict
+        return {k: v for k, v in state_dict.items() if k.startswith("network.")}
 
     # ---- the schedule of the config; the frozen base in half precision (adapter runs) -----
     def setup(self, stage: str) -> None:
