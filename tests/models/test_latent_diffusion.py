@@ -123,6 +123,26 @@ def test_training_step_gives_gradients_to_unet_only():
     assert all(p.grad is None for p in model.cond_stage_model.parameters())
 
 
+def test_captions_are_tokenized_before_the_transfer_and_the_step_uses_the_tokens(monkeypatch):
+    """Tokenizing in the step copies ids from pageable host memory, which waits for the GPU's
+    queue every step; the ids are made in on_before_batch_transfer instead."""
+    torch.manual_seed(0)
+    model = build(ROOT / "tests/configs/tiny.yaml")
+    batch = {**tiny_batch(), "path": ["a.png", "b.png"]}
+    moved = model.on_before_batch_transfer(batch, 0)
+    assert torch.equal(moved["tokens"], model.cond_stage_model.tokenize(batch["caption"]))
+    assert "tokens" not in batch and moved["caption"] == batch["caption"]  # the loader's batch is not changed
+    model.on_fit_start()
+    state = model.noise_rng.get_state()
+    from_captions = model.shared_step(batch)
+    model.noise_rng.set_state(state)
+    calls = []
+    monkeypatch.setattr(model.cond_stage_model, "tokenize", lambda texts: calls.append(texts))
+    assert torch.equal(model.shared_step(moved), from_captions)
+    assert torch.equal(model.fixed_noise_loss(moved), model.fixed_noise_loss(moved))
+    assert calls == []  # neither the training nor the validation loss tokenized
+
+
 def test_text_encoder_trains_when_asked():
     model = build(ROOT / "tests/configs/tiny.yaml", cond_stage_trainable=True)
     opt = model.configure_optimizers()["optimizer"]

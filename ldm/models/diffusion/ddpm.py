@@ -358,6 +358,15 @@ class LatentDiffusion(pl.LightningModule):
                 generator.set_state(self._pending_rng.pop(key))
 
     # ---- Lightning hooks ---------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Captions become token ids here, on the host, before Lightning moves the batch to the
+        device (from pinned memory, without waiting). Tokenizing in the step would copy the ids
+        from pageable memory, which waits for all the GPU's queued work, once per step."""
+        if isinstance(batch, Mapping) and "caption" in batch and "tokens" not in batch:
+            tokens = self.cond_stage_model.tokenize(list(batch["caption"]))
+            batch = {**batch, "tokens": tokens.pin_memory() if self.device.type == "cuda" else tokens}
+        return batch
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are free to reuse
@@ -388,7 +397,7 @@ class LatentDiffusion(pl.LightningModule):
         random perturbations of training, left out so that val/loss measures the model on the
         forward process itself, comparably across runs with different noise settings."""
         z0 = self.batch_latents(batch, mode=True)
-        context = self.get_learned_conditioning(batch["caption"])
+        context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
         gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
         lo, hi = self.objective.min_timestep, self.objective.max_timestep
         t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]).to(self.device)
