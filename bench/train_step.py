@@ -8,6 +8,7 @@
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder [--compile]  # 12 GiB, 24 img/s
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
     python bench/train_step.py ... --profile    # where the GPU's and the host's time goes instead
+    python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
 AdamW. Ours is LatentDiffusion.shared_step of configs/stable-diffusion/v1-finetune_everydream.yaml
@@ -20,6 +21,10 @@ on this GPU in the same process. Run each configuration in its own process
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +55,31 @@ def ours(args: argparse.Namespace):
     else:
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
+    if args.plan:
+        step = bucket_steps(step, batch, args.plan, args.batch)
 
     def compile_all():  # what model.params.compile: true does
         compile_model(model)
         compile_updates(step.optimizer)
     return step, compile_all
+
+
+def bucket_steps(step, batch: dict, plan: str, batch_size: int):
+    """`step` on images of a main.py run's aspect buckets (its dataset_plan.json) instead of
+    512 x 512: each bucket once first (its new shapes meet cuDNN in the warm-up), then a seeded
+    shuffle of the epoch's batches, each bucket as often as the plan has batches of it."""
+    buckets = json.loads(Path(plan).read_text())["buckets"]
+    images = [torch.rand(batch_size, 3, b["height"], b["width"], device="cuda") * 2 - 1 for b in buckets]
+    epoch = [i for i, b in enumerate(buckets) for _ in range(b["batches"])]
+    random.Random(0).shuffle(epoch)
+    order = itertools.chain(range(len(buckets)), itertools.cycle(epoch))
+
+    def bucket_step() -> None:
+        batch["image"] = images[next(order)]
+        step()
+    bucket_step.optimizer = step.optimizer
+    bucket_step.buckets = len(buckets)
+    return bucket_step
 
 
 def baseline(args: argparse.Namespace):
@@ -99,6 +124,8 @@ def main() -> None:
     p.add_argument("--text_encoder", action="store_true", help="ours: train the text encoder too")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--plan", help="with --encode: images of the buckets of this dataset_plan.json (a main.py run's), "
+                                  "as often as the plan has batches of each, instead of 512 x 512")
     p.add_argument("--no_cudnn_benchmark", action="store_true", help="cuDNN's default algorithms, no trials")
     p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
     args = p.parse_args()
@@ -106,6 +133,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
+    args.warmup = max(args.warmup, getattr(step, "buckets", 0))  # every bucket's shapes before the timing
     step()  # build kernels (cuDNN trials when benchmark is on) before counting
     first = peak_since_reset()  # model build and the first step
     flops = step_flops(step, args.batch)  # eager: the counter cannot see inside compiled graphs
@@ -114,9 +142,11 @@ def main() -> None:
         compile_fn()  # compiled on the first warm-up step
     if args.profile:
         return profile(step, rows=30)
+    if args.plan and not args.encode:
+        raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
-                        text_encoder=args.text_encoder)
+                        text_encoder=args.text_encoder, **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
                   mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3),
                   peak_first_step_GiB=round(first / 2**30, 3), peak_flop_count_GiB=round(counting / 2**30, 3))
