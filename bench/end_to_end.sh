@@ -8,7 +8,8 @@
 # checkpointing as the config has it), at 512 x 512 and on the run's own buckets (its
 # dataset_plan.json: images of ~0.93 of 512^2's pixels on average here), and the ratios.
 #   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU;
-#   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it)
+#   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it;
+#   E2E_KEEP=1 keeps the run's checkpoints, deleted once measured)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/e2e}
@@ -22,6 +23,8 @@ python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t 
 run=$(ls -d "$out"/logs/*_e2e | tail -1)
 e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log")
 echo "$e2e"
+# the run's checkpoints are 11 GB each at SD size: repeated runs filled a 64 GiB disk
+[ "${E2E_KEEP:-0}" = 1 ] || rm -rf "$run/checkpoints"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
 bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode | grep '^{')
 echo "$bare"

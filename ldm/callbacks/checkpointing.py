@@ -156,7 +156,18 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
                 future.result()
             except Exception as e:
                 self._pending.clear()
-                raise RuntimeError(f"could not write checkpoint {path}: {e}") from e
+                raise RuntimeError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
+
+
+def _os_reason(error: BaseException) -> str:
+    """The error's text, or that of the OSError behind it: torch.save reports a full disk as
+    `[enforce fail at inline_container.cc] unexpected pos ...`, with the OSError as its context."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{cause.strerror} ({error})" if cause is not error else str(error)
+        cause = cause.__cause__ or cause.__context__
+    return str(error)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:

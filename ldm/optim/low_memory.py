@@ -32,6 +32,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -289,3 +290,16 @@ def check_trainer(trainer: Any, key: str) -> None:
     if str(getattr(trainer, "precision", "")).startswith("16"):
         raise ConfigError(f"{key}.fused_backward: fp16 loss scaling unscales and checks all gradients before the "
                           f"step; use precision bf16-mixed")
+
+
+def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
+    """The UNet's storage dtype for `model.params.unet_precision`, checked against EMA and the optimizer."""
+    key = "model.params.unet_precision"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"{key}: expected fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and use_ema:
+        raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false or fp32")
+    if precision == "bf16" and optimizer != "adamw_bf16":
+        rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
+                       f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them")
+    return torch.bfloat16 if precision == "bf16" else torch.float32

@@ -272,3 +272,18 @@ def test_checkpoint_tensors_are_the_state_the_module_saves_and_the_optimizer_sta
     model.saved_state_dict = lambda sd: {k: v for k, v in sd.items() if k.endswith("bias")}  # an adapter run's trim
     tensors = ckpt.checkpoint_tensors(trainer)
     assert len(tensors) == 1 + 6 and tensors[0] is not None and tensors[0].shape == (8,)
+
+
+def test_a_full_disk_is_named_as_such_when_torch_save_hides_it(tmp_path, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1591966656 vs 1591966544")
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    io = BackgroundCheckpointIO()
+    io.save_checkpoint(state(1.0), tmp_path / "last.ckpt")
+    with pytest.raises(RuntimeError, match=r"could not write checkpoint .*last.ckpt: No space left on device "
+                                           r"\(\[enforce fail"):
+        io.teardown()
+    assert list(tmp_path.iterdir()) == []  # the temporary file is removed

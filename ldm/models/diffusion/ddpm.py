@@ -19,9 +19,7 @@ buffers, and `model_ema.*` when EMA is on.
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -30,12 +28,13 @@ from torch import nn
 
 from ldm.models.diffusion import losses, schedule
 from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
+from ldm.models.diffusion.evaluation import Evaluation
 from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.regional_compile import check_cudagraphs, compile_model
-from ldm.optim.low_memory import check_trainer, compile_updates
+from ldm.optim.low_memory import check_trainer, compile_updates, unet_dtype
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
 
@@ -56,7 +55,7 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-class LatentDiffusion(pl.LightningModule):
+class LatentDiffusion(Evaluation, pl.LightningModule):
     def __init__(
         self,
         unet_config: Mapping[str, Any],
@@ -156,7 +155,7 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"model.params.compile: expected true, false or reduce-overhead, got {compile!r}")
         self.compile_blocks = bool(compile)
         self.cudagraphs = compile == "reduce-overhead"
-        self.unet_dtype = _unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
+        self.unet_dtype = unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
         self._compiled = False
         self.network_config: NetworkConfig | None = None
         if network is not None:
@@ -387,51 +386,6 @@ class LatentDiffusion(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
-    def fixed_noise_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Per-image loss [B] with the latent (posterior mean), timestep and noise fixed per
-        image (seeded by its path): the same number for the same weights, every time.
-
-        The same objective as training where it is a definition of the task: the timestep range,
-        loss_type and min-SNR weighting (and the schedule), so val/loss compares with train/loss.
-        The noise is plain N(0, I): offset, multi-resolution noise and input perturbation are
-        random perturbations of training, left out so that val/loss measures the model on the
-        forward process itself, comparably across runs with different noise settings."""
-        z0 = self.batch_latents(batch, mode=True)
-        context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
-        gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
-        lo, hi = self.objective.min_timestep, self.objective.max_timestep
-        t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]).to(self.device)
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
-        return self.p_losses(z0, context, t, noise)
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """`val/loss` (fixed_noise_loss, so epochs compare) with the EMA weights when EMA is on
-        (what pruning exports), and `val/loss_no_ema` with the raw ones."""
-        n = len(batch["caption"])
-        with self.eval_scope():
-            self.log("val/loss", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
-                     prog_bar=True, sync_dist=True)
-        if self.use_ema:
-            with self.eval_scope(ema=False):
-                self.log("val/loss_no_ema", self.fixed_noise_loss(batch).mean(), on_epoch=True, batch_size=n,
-                         sync_dist=True)
-
-    @contextmanager
-    def ema_scope(self) -> Iterator[None]:
-        """EMA weights in the UNet for the duration of the block (sampling, validation)."""
-        with (self.model_ema.swapped_in(self.model) if self.use_ema else nullcontext()):
-            yield
-
-    @contextmanager
-    def eval_scope(self, ema: bool = True) -> Iterator[None]:
-        """Evaluation (validation, sampling): the EMA weights (ema_scope) and, with CUDA graphs
-        (compile: reduce-overhead), the compiled blocks run uncompiled. A graph tree would take
-        each no-grad block call for a new step and reuse the memory of the earlier blocks'
-        outputs, which the UNet's skip connections still hold."""
-        with (self.ema_scope() if ema else nullcontext()), \
-                (torch.compiler.set_stance("force_eager") if self.cudagraphs else nullcontext()):
-            yield
-
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
         if self.network_config is not None:
@@ -453,18 +407,6 @@ class LatentDiffusion(pl.LightningModule):
         total = schedule_steps(self.trainer) if self._trainer is not None else 1
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
-    key = "model.params.unet_precision"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"{key}: expected fp32 or bf16, got {precision!r}")
-    if precision == "bf16" and use_ema:
-        raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false or fp32")
-    if precision == "bf16" and optimizer != "adamw_bf16":
-        rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
-                       f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 # ---- does a checkpoint look made for the config's prediction type? ----------------------
