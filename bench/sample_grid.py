@@ -65,9 +65,9 @@ def main() -> None:
             cond = model.get_learned_conditioning(prompts)
             uncond = model.get_learned_conditioning([""])
         shape = (n, model.channels, side // f, side // f)
-        z = timed("DDIM loop alone", lambda: DDIMSampler(model).sample(cond, uncond, shape, steps=args.steps,
-                                                                        generator=torch.Generator().manual_seed(0)),
-                  dev, reps=2)
+        with autocast():  # as txt2img runs it (outside autocast the UNet would run in fp32)
+            z = timed("DDIM loop alone", lambda: DDIMSampler(model).sample(
+                cond, uncond, shape, steps=args.steps, generator=torch.Generator().manual_seed(0)), dev, reps=2)
         with autocast():
             timed("UNet forward, batch 2n (one DDIM step)",
                   lambda: model.apply_model(torch.cat([z, z]).to(cond.dtype), torch.full((2 * n,), 500, device=dev),
