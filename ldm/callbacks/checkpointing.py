@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +37,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from ldm.callbacks.writer import WriterThread
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -72,8 +74,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
 
     def __init__(self) -> None:
         super().__init__()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[str, Future]] = []
+        self._writer = WriterThread("checkpoint-writer", "checkpoint")
         self._copies: dict[tuple, torch.Tensor] = {}  # the latest save's host copies, by tensor identity
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # host tensors no write uses, by (shape, dtype)
         self._reserved: Future | None = None  # reserve(): the writer thread touching host tensors
@@ -90,14 +91,14 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         free = _available_host_memory()
         if free is not None and needed * 1.25 >= free:
             return False
-        self._reserved = self._executor_().submit(_touched_host_tensors, layouts)
+        self._reserved = self._writer.call(_touched_host_tensors, layouts)
         return True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError("BackgroundCheckpointIO takes no storage_options")
-        self._collect(wait=False)
-        if not self._pending:  # no write reads the host copies any more: their memory is free to reuse
+        self._writer.collect()
+        if not self._writer.pending:  # no write reads the host copies any more: their memory is free to reuse
             self._spare = _by_layout(self._copies.values())
             self._copies = {}
         self._take_reserved()
@@ -110,31 +111,20 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         copies: dict[tuple, torch.Tensor] = {}
         host = apply_to_collection(checkpoint, torch.Tensor, _host_copy, self._copies, copies, self._spare)
         self._copies, self._spare = copies, {}  # spare tensors this state had no use for are freed
-        self._submit(str(path), atomic_torch_save, host, path)
+        self._writer.submit(path, atomic_torch_save, host, path)
 
     def remove_checkpoint(self, path: Any) -> None:
-        self._submit(str(path), super().remove_checkpoint, path)  # after the writes queued before it
+        self._writer.submit(path, super().remove_checkpoint, path)  # after the writes queued before it
 
     def wait(self) -> None:
         """Block until every queued write is done; raise the first failure, naming its file."""
-        self._collect(wait=True)
+        self._writer.collect(wait=True)
 
     def teardown(self) -> None:
         try:
-            self.wait()
+            self._writer.shutdown()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
             self._copies, self._spare, self._reserved = {}, {}, None
-
-    def _executor_(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        return self._executor
-
-    def _submit(self, path: str, fn: Any, *args: Any) -> None:
-        self._pending.append((path, self._executor_().submit(fn, *args)))
 
     def _take_reserved(self) -> None:
         """Add the reserved host tensors to the spare ones (waiting if they are still being touched)."""
@@ -148,26 +138,6 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._reserved = None
         for layout, tensors in reserved.items():
             self._spare.setdefault(layout, []).extend(tensors)
-
-    def _collect(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][1].done()):
-            path, future = self._pending.pop(0)
-            try:
-                future.result()
-            except Exception as e:
-                self._pending.clear()
-                raise RuntimeError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
-
-
-def _os_reason(error: BaseException) -> str:
-    """The error's text, or that of the OSError behind it: torch.save reports a full disk as
-    `[enforce fail at inline_container.cc] unexpected pos ...`, with the OSError as its context."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return f"{cause.strerror} ({error})" if cause is not error else str(error)
-        cause = cause.__cause__ or cause.__context__
-    return str(error)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:

@@ -29,7 +29,6 @@ import dataclasses
 import itertools
 import math
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,6 +40,7 @@ from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from ldm.callbacks.writer import WriterThread
 from ldm.models.diffusion.txt2img import latent_factor, txt2img
 
 GRID_COLUMNS = 4
@@ -218,8 +218,7 @@ class ImageLogger(pl.Callback):
         self._captions: list[str] = []
         self._batch_hw: tuple[int, int] | None = None  # pixel size of the latest batch
         self._last_logged_step = -1
-        self._writer: ThreadPoolExecutor | None = None
-        self._writes: list[tuple[Path, Future]] = []
+        self._writer = WriterThread("sample-grid-writer", "sample grid")
 
     # -- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -244,32 +243,18 @@ class ImageLogger(pl.Callback):
             self.log_samples(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+        self._writer.shutdown()
 
     def wait(self) -> None:
         """Block until every grid is written; raise the first failure, naming its file."""
-        self._collect(wait=True)
-
-    def _collect(self, wait: bool) -> None:
-        while self._writes and (wait or self._writes[0][1].done()):
-            path, future = self._writes.pop(0)
-            try:
-                future.result()
-            except Exception as e:
-                self._writes.clear()
-                raise RuntimeError(f"could not write sample grid {path}: {e}") from e
+        self._writer.collect(wait=True)
 
     # -- sampling ---------------------------------------------------------------------------
     def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the batch and prompts grids for the current step (once per step, rank 0 only)."""
         if not trainer.is_global_zero or trainer.global_step == self._last_logged_step:
             return
-        self._collect(wait=False)
+        self._writer.collect()
         self._last_logged_step = trainer.global_step
         grids = {}
         if self._captions and self._batch_hw is not None:
@@ -342,10 +327,8 @@ class ImageLogger(pl.Callback):
         stem = folder / f"samples_gs-{trainer.global_step:06d}_e-{trainer.current_epoch:02d}_{kind}"
         text = "".join(p.to_line() + "\n" for p in prompts)
         boards = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-grid-writer")
-        future = self._writer.submit(_write_grid, stem, grid, text, boards, f"samples/{kind}", trainer.global_step)
-        self._writes.append((stem.with_suffix(".png"), future))
+        self._writer.submit(stem.with_suffix(".png"), _write_grid, stem, grid, text, boards, f"samples/{kind}",
+                            trainer.global_step)
 
 
 def _write_grid(stem: Path, grid: Image.Image, text: str, boards: Sequence[Any], tag: str, step: int) -> None:

@@ -117,7 +117,7 @@ def test_the_memory_check_counts_host_tensors_kept_for_reuse(tmp_path, monkeypat
     monkeypatch.setattr(ckpt, "_available_host_memory", lambda: 100)  # bytes: far less than a fresh copy
     ckpt_dict["state_dict"]["w"].add_(1)
     io.save_checkpoint(ckpt_dict, tmp_path / "b.ckpt")
-    assert io._pending  # copied into the kept tensors and written in the background, not in place
+    assert io._writer.pending  # copied into the kept tensors and written in the background, not in place
     io.teardown()
     assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
 
