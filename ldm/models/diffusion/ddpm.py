@@ -14,7 +14,8 @@ is set; the VAE is always frozen. With a `network` section (ldm.modules.adapters
 adapter weights train: the UNet, VAE and text encoder are frozen and kept in half
 precision, and checkpoints hold the adapter (`network.*`) alone. State-dict names follow the released checkpoints:
 `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule
-buffers, and `model_ema.*` when EMA is on.
+buffers, and `model_ema.*` when EMA is on. The validation loss and the scopes that
+validation and sampling run in are in ldm.models.diffusion.evaluation (a mixin).
 """
 from __future__ import annotations
 
