@@ -210,6 +210,11 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
             return self.cond_stage_model.encode_tokens(cond.to(self.device))
         return self.cond_stage_model(list(cond))
 
+    def batch_conditioning(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """A batch's context [B,77,D]: from its token ids (on_before_batch_transfer made them),
+        else from its captions (a batch that did not come through Lightning)."""
+        return self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+
     # ---- diffusion ----------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return schedule.q_sample(self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, x0, t, noise)
@@ -266,7 +271,7 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
 
     def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         z0 = self.batch_latents(batch)
-        context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+        context = self.batch_conditioning(batch)
         t, noise, input_noise = self.training_noise(z0)
         loss = self.p_losses(z0, context, t, noise, input_noise)  # [B]
         if "loss_weight" in batch:  # regularisation images carry prior_loss_weight

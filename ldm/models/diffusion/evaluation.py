@@ -1,6 +1,6 @@
 """Evaluation for LatentDiffusion: the validation loss and the scopes that validation and
 sampling run in. A mixin of LatentDiffusion (ddpm.py), which provides the model parts it
-uses (`batch_latents`, `get_learned_conditioning`, `p_losses`, `objective`, `model_ema`).
+uses (`batch_latents`, `batch_conditioning`, `p_losses`, `objective`, `model_ema`).
 
     val/loss = mean over images of loss(UNet(z_t, t, c), target), with z_0 the posterior mean
                and t, eps drawn from a generator seeded by the image's path
@@ -25,7 +25,7 @@ class Evaluation:
         random perturbations of training, left out so that val/loss measures the model on the
         forward process itself, comparably across runs with different noise settings."""
         z0 = self.batch_latents(batch, mode=True)
-        context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+        context = self.batch_conditioning(batch)
         gens = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in batch["path"]]
         lo, hi = self.objective.min_timestep, self.objective.max_timestep
         t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]).to(self.device)
