@@ -10,7 +10,9 @@ plain AdamW.
 
 Weights smaller than CHUNK elements are updated in packs, concatenated: per-weight updates
 of ~25 kernels each made the batch-1 step wait on the host (doc/PERFORMANCE.md). With
-`model.params.compile: true` each update runs as one compiled kernel (`compile_updates`);
+`model.params.compile: true` each update runs as one compiled kernel (`compile_updates`),
+which has no fp32 temporaries, so packs (and the backward pass's buckets) grow to PACK_BYTES
+per tensor: each compiled call costs the host ~0.3 ms, more than its kernel takes the GPU;
 otherwise larger weights are updated in chunks, which bounds the fp32 temporaries.
 
 `StepInBackward` (`optimizer.fused_backward: true`): one optimizer per bucket of consecutive
@@ -66,6 +68,7 @@ def adamw_update_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tensor, v16: 
 
 
 CHUNK = 1 << 22  # elements updated at once in eager mode: the fp32 temporaries stay ~6 x 16 MB
+PACK_BYTES = 1 << 25  # compiled updates: bytes per tensor of a pack (32 MiB: 16M bf16, 8M fp32 elements)
 
 
 def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -86,15 +89,25 @@ def _adamw_update_scalars_(w16: torch.Tensor, g16: torch.Tensor, m16: torch.Tens
     adamw_update_(w16, g16, m16, v16, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, bc1=bc1, bc2=bc2)
 
 
-def _packs(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive weights in packs of at most CHUNK elements."""
-    packs, size = [[]], 0
+def _numel(p: torch.Tensor) -> int:
+    return p.numel()
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _packs(params: list[torch.Tensor], limit: int | None = None,
+           size: Callable[[torch.Tensor], int] = _numel) -> list[list[torch.Tensor]]:
+    """Consecutive weights in packs of at most `limit` (CHUNK) elements, or another `size`."""
+    limit = limit or CHUNK
+    packs, total = [[]], 0
     for p in params:
-        if packs[-1] and size + p.numel() > CHUNK:
+        if packs[-1] and total + size(p) > limit:
             packs.append([])
-            size = 0
+            total = 0
         packs[-1].append(p)
-        size += p.numel()
+        total += size(p)
     return packs
 
 
@@ -124,14 +137,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def compile_updates(optimizer: torch.optim.Optimizer) -> int:
     """Run the updates of every AdamWBF16 in `optimizer` (itself, or the per-bucket ones of a
     StepInBackward) as one compiled kernel per weight or pack instead of ~25 small ones per
-    chunk: no fp32 temporaries, so no chunks. One graph per dtype: weights are passed flat,
-    sizes are dynamic and the step's scalars are graph inputs. Returns how many optimizers
-    were switched."""
-    inner = [opt for _, _, opt in optimizer._buckets] if isinstance(optimizer, StepInBackward) else [optimizer]
-    switched = [opt for opt in inner if isinstance(opt, AdamWBF16)]
-    for opt in switched:
+    chunk: no fp32 temporaries, so no chunks, and packs (buckets) of up to PACK_BYTES per
+    tensor. One graph per dtype: weights are passed flat, sizes are dynamic and the step's
+    scalars are graph inputs. Returns how many optimizers were switched."""
+    if isinstance(optimizer, StepInBackward):
+        if not all(isinstance(opt, AdamWBF16) for _, _, opt in optimizer._buckets):
+            return 0
+        optimizer.rebucket(PACK_BYTES, _nbytes)
+        inner = [opt for _, _, opt in optimizer._buckets]
+    else:
+        inner = [optimizer] if isinstance(optimizer, AdamWBF16) else []
+    for opt in inner:
         opt.compiled = True
-    return len(switched)
+    return len(inner)
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -161,12 +179,13 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if p.numel() < CHUNK and all(x.is_contiguous() for x in tensors):
+                limit, size = (PACK_BYTES, _nbytes) if self.compiled else (CHUNK, _numel)
+                if size(p) < limit and all(x.is_contiguous() for x in tensors):
                     small.setdefault((state["step"], p.dtype, p.device), []).append(p)
                 else:
                     self._update(tensors, lr, b1, b2, eps, wd, state["step"])
             for (t, _, _), params in small.items():
-                for pack in _packs(params):
+                for pack in _packs(params, limit, size):
                     self._update_pack(pack, lr, b1, b2, eps, wd, t)
         return loss
 
@@ -206,15 +225,25 @@ class StepInBackward(torch.optim.Optimizer):
     def __init__(self, groups: list[dict[str, Any]], make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
         """`make(groups)` builds the named optimizer over a list of param groups (one here)."""
         super().__init__(groups, {})
-        self.inner: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
-        self._buckets: list[tuple[dict[str, Any], list[torch.nn.Parameter], torch.optim.Optimizer]] = []
+        self._make = make
         self._ready: dict[int, set[torch.nn.Parameter]] = {}  # bucket -> parameters whose gradient is complete
         self._flush_queued = False
         self._hooks = []
+        self.rebucket(CHUNK, _numel)
+        self.built_with = getattr(next(iter(self.inner.values())), "built_with", {})
+
+    def rebucket(self, limit: int, size: Callable[[torch.Tensor], int] = _numel) -> None:
+        """(Re)build the buckets, of at most `limit` elements (or another `size`) each, with an
+        inner optimizer each; the state (moments, step counts) stays with its parameters."""
+        if self._ready:
+            raise RuntimeError("StepInBackward.rebucket: a backward pass is in progress")
+        self.remove_hooks()
+        self.inner: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
+        self._buckets: list[tuple[dict[str, Any], list[torch.nn.Parameter], torch.optim.Optimizer]] = []
         for group in self.param_groups:
             hyper = {k: v for k, v in group.items() if k != "params"}
-            for bucket in _packs(group["params"]):
-                opt = make([{**hyper, "params": bucket}])
+            for bucket in _packs(group["params"], limit, size):
+                opt = self._make([{**hyper, "params": bucket}])
                 for k in self.HYPER:  # the wrapper's group shows what the optimizer runs with
                     if k in opt.param_groups[0]:
                         group.setdefault(k, opt.param_groups[0][k])
@@ -222,9 +251,8 @@ class StepInBackward(torch.optim.Optimizer):
                 self._buckets.append((group, bucket, opt))
                 for p in bucket:
                     self.inner[p] = opt
-                    self.state[p] = opt.state[p]  # one dict: filled in place by the inner step
+                    opt.state[p] = self.state[p]  # one dict: filled in place by the inner step
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
-        self.built_with = getattr(next(iter(self.inner.values())), "built_with", {})
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def gradient_ready(p: torch.Tensor) -> None:

@@ -199,6 +199,35 @@ def test_bf16_unet_settings_are_checked():
         instantiate_from_config(node)
 
 
+def test_compile_updates_rebuckets_by_bytes_and_the_steps_keep_their_state(monkeypatch):
+    """compile_updates grows the buckets to PACK_BYTES per tensor (bf16 weights count half the
+    bytes of fp32 ones), keeping moments and step counts: three steps in 4-element buckets
+    and two in the larger ones are five of plain AdamW. Rebucketing only builds buckets; no
+    update runs compiled here (the compiled update has its own test below)."""
+    from ldm.optim import low_memory
+
+    monkeypatch.setattr(low_memory, "CHUNK", 60)  # eager buckets: 96 | 16 | 48 3 (mlp's weights)
+    cfg = OptimizerConfig.from_mapping({"name": "adamw_bf16", "fused_backward": True})
+    plain, fused = mlp(), mlp()
+    opt = build_optimizer({"unet": plain.parameters()}, OptimizerConfig.from_mapping({"name": "adamw"}), "cpu")
+    fopt = build_optimizer({"unet": fused.parameters()}, cfg, "cpu")
+    assert [len(bucket) for _, bucket, _ in fopt._buckets] == [1, 1, 2]
+    run(plain, opt, range(5))
+    run(fused, fopt, range(3))
+    monkeypatch.setattr(low_memory, "PACK_BYTES", 4 * 120)  # 120 fp32 elements: 96 16 | 48 3
+    fopt.rebucket(low_memory.PACK_BYTES, low_memory._nbytes)
+    assert [len(bucket) for _, bucket, _ in fopt._buckets] == [2, 2]
+    assert all(s["step"] == 3 for s in fopt.state.values()) and len(fopt.state) == 4
+    assert all(inner.state[p] is fopt.state[p] for p, inner in fopt.inner.items())
+    run(fused, fopt, range(3, 5))
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert low_memory.compile_updates(fopt) == 2 and all(inner.compiled for _, _, inner in fopt._buckets)
+    half = [p.detach().to(torch.bfloat16) for p in fused.parameters()]  # 192 32 96 6 bytes
+    assert [len(pack) for pack in low_memory._packs(half, 200, low_memory._nbytes)] == [1, 3]  # 192 | 32 96 6
+    fopt.remove_hooks()
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_compile_switch_compiles_the_adamw_bf16_update(compile):
     from omegaconf import OmegaConf
@@ -247,7 +276,8 @@ def test_compiled_adamw_bf16_update_is_adamw_without_recompiling_per_step_or_sha
     specialises Python floats (as torch 2.11 does)."""
     from ldm.optim import low_memory
 
-    monkeypatch.setattr(low_memory, "CHUNK", 100)  # weights of 128 (alone), 8 + 32 + 4 (a pack)
+    monkeypatch.setattr(low_memory, "PACK_BYTES", 200)  # 50 fp32 or 100 bf16 elements: weights of 128
+    # (alone), 8 + 32 + 4 (a pack)
     with torch._dynamo.config.patch(specialize_float=True):
         _check_compiled_adamw_bf16_update(low_memory)
 
