@@ -17,7 +17,8 @@ graph per image shape. The latent cache's one-off pass runs it uncompiled
 
 `compile: reduce-overhead` also records the UNet blocks as CUDA graphs (torch's CUDA graph
 trees): a LoRA step at batch 8 is bound by the host's ~5,600 kernel launches, and a graph
-replay launches a block's forward or backward at once (doc/PERFORMANCE.md). The text encoder
+replay launches a block's forward or backward at once (doc/PERFORMANCE.md); so is the
+12 GiB full fine-tune at batch 6 (steps in the backward pass). The text encoder
 and the VAE encoder are compiled without graphs: a graph tree takes each call that has no
 backward pending for an earlier one as the start of a new step and reuses the memory of the
 previous step's outputs, and a frozen encoder runs before the UNet without grad, so its
@@ -78,17 +79,32 @@ def compile_model(model: nn.Module, backend: str = "inductor", cudagraphs: bool 
             "encoder, compiled on first use (the first step takes a minute or more)")
 
 
-def check_cudagraphs(adapters: bool, unet_config: Mapping[str, Any]) -> None:
-    """compile: reduce-overhead where it is measured: adapter training without gradient
-    checkpointing (a checkpointed block would replay its forward inside the backward)."""
-    if not adapters:
+def check_cudagraphs(adapters: bool, unet_config: Mapping[str, Any], fused_backward: bool = False) -> None:
+    """compile: reduce-overhead where it is measured: adapter training, or a full fine-tune
+    whose optimizer steps in the backward pass (each gradient is used and freed before the
+    next step's graphs reuse its memory; no accumulation across steps), each without
+    gradient checkpointing (a checkpointed block would replay its forward inside the backward)."""
+    if not (adapters or fused_backward):
         raise ValueError("model.params.compile: reduce-overhead (CUDA graphs) is for adapter training "
-                         "(a model.params.network section); full fine-tunes use compile: true")
+                         "(a model.params.network section) or a full fine-tune with "
+                         "model.params.optimizer.fused_backward: true; otherwise use compile: true")
     if (unet_config.get("params") or {}).get("use_checkpoint", False):
         raise ValueError("model.params.compile: reduce-overhead does not go with gradient checkpointing "
                          "(model.params.unet_config.params.use_checkpoint: true); use compile: true")
     if not hasattr(torch.compiler, "set_stance"):
         raise ValueError(f"model.params.compile: reduce-overhead needs torch >= 2.6 (this is {torch.__version__})")
+
+
+def check_cudagraphs_trainer(trainer: Any) -> None:
+    """A gradient comes out of CUDA graph memory that the next step's replay reuses, so it
+    cannot be accumulated over batches: torch's graph trees then fail, or (some versions)
+    sum overwritten values (pytorch/pytorch#169545)."""
+    from ldm.util import ConfigError
+
+    if getattr(trainer, "accumulate_grad_batches", 1) > 1:
+        raise ConfigError("model.params.compile: reduce-overhead (CUDA graphs) cannot accumulate gradients over "
+                          "batches; set lightning.trainer.accumulate_grad_batches: 1 (and a larger batch_size) "
+                          "or use compile: true")
 
 
 def _raise_recompile_limit(needed: int) -> None:

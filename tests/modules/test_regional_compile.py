@@ -94,13 +94,34 @@ def test_compile_must_be_a_boolean_or_reduce_overhead():
         tiny(False, compile="yes")
 
 
-def test_cuda_graphs_are_for_adapters_without_gradient_checkpointing():
-    with pytest.raises(ValueError, match="reduce-overhead .* is for adapter training"):
+def test_cuda_graphs_are_for_adapters_or_steps_in_backward_without_gradient_checkpointing():
+    with pytest.raises(ValueError, match="reduce-overhead .* is for adapter training .*fused_backward: true"):
         tiny(False, compile="reduce-overhead")
+    model = tiny(False, compile="reduce-overhead", optimizer={"name": "adamw_bf16", "fused_backward": True},
+                 unet_precision="bf16", use_ema=False)  # the 12 GiB full fine-tune
+    assert model.cudagraphs and model.network_config is None
     cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model.params.unet_config
     cfg.params.use_checkpoint = True
     with pytest.raises(ValueError, match="does not go with gradient checkpointing .*use_checkpoint"):
         tiny(True, compile="reduce-overhead", unet_config=cfg)
+
+
+def test_cuda_graphs_refuse_gradient_accumulation(monkeypatch):
+    """A graph's gradient memory is reused by the next step's replay: accumulating over
+    batches is refused when the optimizer is configured, naming the trainer key."""
+    from ldm.util import ConfigError
+
+    model = tiny(True, compile="reduce-overhead")
+    for accumulate, fails in ((1, False), (2, True)):
+        trainer = SimpleNamespace(accumulate_grad_batches=accumulate, precision="32-true", max_epochs=1,
+                                  datamodule=None, estimated_stepping_batches=10)
+        monkeypatch.setattr(type(model), "trainer", property(lambda self, t=trainer: t))
+        monkeypatch.setattr(model, "_trainer", trainer, raising=False)
+        if fails:
+            with pytest.raises(ConfigError, match="accumulate_grad_batches: 1"):
+                model.configure_optimizers()
+        else:
+            assert model.configure_optimizers()["optimizer"] is not None
 
 
 def test_cuda_graphs_cover_the_unet_blocks_only(monkeypatch):

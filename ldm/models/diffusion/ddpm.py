@@ -34,7 +34,7 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.regional_compile import check_cudagraphs, compile_model
+from ldm.modules.regional_compile import check_cudagraphs, check_cudagraphs_trainer, compile_model
 from ldm.optim.low_memory import check_trainer, compile_updates, unet_dtype
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
@@ -162,7 +162,7 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         if network is not None:
             self._add_network(NetworkConfig.from_mapping(network))
         if self.cudagraphs:
-            check_cudagraphs(self.network_config is not None, unet_config)
+            check_cudagraphs(self.network_config is not None, unet_config, self.optimizer_config.fused_backward)
 
     def _add_network(self, cfg: NetworkConfig) -> None:
         """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
@@ -405,6 +405,8 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
             groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if cfg.fused_backward and self._trainer is not None:
             check_trainer(self.trainer, "model.params.optimizer")
+        if self.cudagraphs and self._trainer is not None:
+            check_cudagraphs_trainer(self.trainer)
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         if self.compile_blocks:
             compile_updates(opt)  # adamw_bf16's update as one kernel (other optimizers: unchanged)
