@@ -91,9 +91,10 @@ def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Paramete
         loss.backward()
         return loss
 
-    def step() -> None:
-        opt.step(closure)
+    def step() -> torch.Tensor:
+        loss = opt.step(closure)
         opt.zero_grad(set_to_none=True)
+        return loss
     step.optimizer = opt  # for compile_updates
     return step
 
@@ -157,6 +158,30 @@ def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
     table = prof.key_averages().table
     print(table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
     print(table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90), flush=True)  # host side
+
+
+def host_profile(step: Callable[[], None], steps: int = 5, rows: int = 40) -> None:
+    """Print where the host's time goes over `steps` steps (after warm-up), by Python function:
+    cumulative (a function and what it calls) and own time. A host-bound step is as slow as this."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    print(f"host {1000 * host / steps:.1f} ms per step, GPU done {1000 * (time.perf_counter() - t0) / steps:.1f} ms "
+          f"per step (profiled)", flush=True)
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(rows)
+    stats.sort_stats("tottime").print_stats(rows)
 
 
 def sync_check(step: Callable[[], None]) -> None:

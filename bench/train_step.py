@@ -8,6 +8,8 @@
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder [--compile]  # 12 GiB, 24 img/s
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
     python bench/train_step.py ... --profile    # where the GPU's and the host's time goes instead
+    python bench/train_step.py ... --host_profile    # the host's time by Python function (cProfile)
+    python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -29,13 +31,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, our_step, profile, setup_cuda,
-                    step_flops, time_steps)
+from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
+                    setup_cuda, step_flops, time_steps)
 from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
+from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
 
 
-def ours(args: argparse.Namespace):
+def ours(args: argparse.Namespace, with_model: bool = False):
     model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", args.ckpt,
                       train_text_encoder=args.text_encoder)
     optimizer = None
@@ -58,10 +61,19 @@ def ours(args: argparse.Namespace):
     if args.plan:
         step = bucket_steps(step, batch, args.plan, args.batch)
 
-    def compile_all():  # what model.params.compile: true does
-        compile_model(model)
+    def compile_all():  # what model.params.compile: true (or reduce-overhead, --cudagraphs) does
+        if args.pack_mib:
+            low_memory.PACK_BYTES = int(args.pack_mib * 2**20)
+        compile_model(model, cudagraphs=args.cudagraphs)
         compile_updates(step.optimizer)
-    return step, compile_all
+    if args.cudagraphs:  # as LatentDiffusion.training_step: each step starts a new replay
+        graphed = step
+
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed()
+        step.optimizer = graphed.optimizer
+    return (step, compile_all, model) if with_model else (step, compile_all)
 
 
 def bucket_steps(step, batch: dict, plan: str, batch_size: int):
@@ -128,6 +140,10 @@ def main() -> None:
                                   "as often as the plan has batches of each, instead of 512 x 512")
     p.add_argument("--no_cudnn_benchmark", action="store_true", help="cuDNN's default algorithms, no trials")
     p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
+    p.add_argument("--host_profile", action="store_true", help="print the host's time by Python function instead")
+    p.add_argument("--pack_mib", type=float, help="ours, --low_memory --compile: compiled update packs of this many "
+                                                   "MiB per tensor instead of low_memory.PACK_BYTES")
+    p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
     args = p.parse_args()
     setup_cuda()
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
@@ -142,6 +158,8 @@ def main() -> None:
         compile_fn()  # compiled on the first warm-up step
     if args.profile:
         return profile(step, rows=30)
+    if args.host_profile:
+        return host_profile(step)
     if args.plan and not args.encode:
         raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
