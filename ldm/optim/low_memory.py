@@ -16,7 +16,8 @@ per tensor: each compiled call costs the host ~0.3 ms, more than its kernel take
 otherwise larger weights are updated in chunks, which bounds the fp32 temporaries.
 
 `StepInBackward` (`optimizer.fused_backward: true`): one optimizer per bucket of consecutive
-parameters (at most CHUNK elements, or one larger parameter), stepped from the parameters'
+parameters (at most CHUNK elements, PACK_BYTES with compiled updates, or one larger parameter),
+stepped from the parameters'
 post-accumulate-grad hooks as soon as the bucket's last gradient is complete (at the end of
 the backward pass for a bucket some of whose parameters got none), and the bucket's
 gradients are then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never
