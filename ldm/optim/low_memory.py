@@ -17,11 +17,10 @@ otherwise larger weights are updated in chunks, which bounds the fp32 temporarie
 
 `StepInBackward` (`optimizer.fused_backward: true`): one optimizer per bucket of consecutive
 parameters (at most CHUNK elements, PACK_BYTES with compiled updates, or one larger parameter),
-stepped from the parameters'
-post-accumulate-grad hooks as soon as the bucket's last gradient is complete (at the end of
-the backward pass for a bucket some of whose parameters got none), and the bucket's
-gradients are then freed; the full set of gradients (3.4 GB in fp32 for SD 1.x) never
-exists at once. Buckets, not single parameters, so that an optimizer step covers many
+stepped from the parameters' post-accumulate-grad hooks as soon as the bucket's last gradient
+is complete (at the end of the backward pass for a bucket some of whose parameters got none),
+and the bucket's gradients are then freed; the full set of gradients (3.4 GB in fp32 for
+SD 1.x) never exists at once. Buckets, not single parameters, so that an optimizer step covers many
 small weights at once: SD 1.x has 686 UNet weights, most of them biases and norms.
 It wraps whichever optimizer the config names and presents one torch Optimizer to Lightning:
 its param groups carry the schedule's learning rates (copied to the per-bucket optimizers at
