@@ -97,10 +97,9 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def _packs(params: list[torch.Tensor], limit: int | None = None,
+def _packs(params: list[torch.Tensor], limit: int,
            size: Callable[[torch.Tensor], int] = _numel) -> list[list[torch.Tensor]]:
-    """Consecutive weights in packs of at most `limit` (CHUNK) elements, or another `size`."""
-    limit = limit or CHUNK
+    """Consecutive weights in packs of at most `limit` elements, or another `size`."""
     packs, total = [[]], 0
     for p in params:
         if packs[-1] and total + size(p) > limit:
@@ -166,6 +165,7 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        limit, size = (PACK_BYTES, _nbytes) if self.compiled else (CHUNK, _numel)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             small: dict[tuple, list[torch.Tensor]] = {}  # packed by (step, dtype, device)
@@ -179,7 +179,6 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                limit, size = (PACK_BYTES, _nbytes) if self.compiled else (CHUNK, _numel)
                 if size(p) < limit and all(x.is_contiguous() for x in tensors):
                     small.setdefault((state["step"], p.dtype, p.device), []).append(p)
                 else:
