@@ -160,6 +160,41 @@ def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
     print(table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90), flush=True)  # host side
 
 
+def profile_ops(step: Callable[[], None], names: list[str], steps: int = 2, rows: int = 15) -> None:
+    """Print the GPU time of the operators `names` (e.g. aten::copy_) by input shapes, then by the
+    chain of callers (operators and Python lines): which tensors an unexpected copy moves, and why."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                       with_stack=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.name in names]
+    for title, key in (("input shapes", lambda e: f"{e.name} {e.input_shapes}"), ("callers", callers)):
+        groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in events:
+            groups[key(e)][0] += e.device_time_total
+            groups[key(e)][1] += 1
+        print(f"== by {title}: {len(groups)} groups", flush=True)
+        for where, (us, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]:
+            print(f"{us / 1000 / steps:8.2f} ms/step {n // steps:5d} calls/step  {where}", flush=True)
+
+
+def callers(event, depth: int = 8) -> str:
+    """The names of a profiler event's enclosing events, innermost first."""
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None and len(chain) < depth:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    return "\n      <- ".join(chain)
+
+
 def host_profile(step: Callable[[], None], steps: int = 5, rows: int = 40) -> None:
     """Print where the host's time goes over `steps` steps (after warm-up), by Python function:
     cumulative (a function and what it calls) and own time. A host-bound step is as slow as this."""

@@ -27,3 +27,9 @@ row lowmem1    300 bench/train_step.py --impl ours --batch 1 --ckpt --low_memory
 row lowmem6te  300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile
 row lowmem6teck 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --ckpt --compile
 row encode32   300 bench/train_step.py --impl ours --batch 32 --encode --compile
+row eager32    150 bench/train_step.py --impl ours --batch 32
+row eager32cl  150 bench/train_step.py --impl ours --batch 32 --channels_last
+row full32cl   300 bench/train_step.py --impl ours --batch 32 --compile --channels_last
+row diffusers32e   150 bench/train_step.py --impl diffusers --batch 32
+row diffusers32ecl 150 bench/train_step.py --impl diffusers --batch 32 --channels_last
+row diffusers32cl  300 bench/train_step.py --impl diffusers --batch 32 --compile --channels_last

@@ -9,7 +9,9 @@
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
     python bench/train_step.py ... --profile    # where the GPU's and the host's time goes instead
     python bench/train_step.py ... --host_profile    # the host's time by Python function (cProfile)
+    python bench/train_step.py ... --profile_ops aten::copy_    # an operator's GPU time by shapes and callers
     python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
+    python bench/train_step.py --impl ours|diffusers --batch 32 [--compile] --channels_last   # NHWC convolutions
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
-                    setup_cuda, step_flops, time_steps)
+                    profile_ops, setup_cuda, step_flops, time_steps)
 from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
@@ -57,6 +59,9 @@ def ours(args: argparse.Namespace, with_model: bool = False):
         batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
     else:
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
+    if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
+        for part in (model.model, model.first_stage_model):
+            part.to(memory_format=torch.channels_last)
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
     if args.plan:
         step = bucket_steps(step, batch, args.plan, args.batch)
@@ -101,6 +106,8 @@ def baseline(args: argparse.Namespace):
     if args.ckpt:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     latents = torch.randn(args.batch, 4, 64, 64, device="cuda")
     context = torch.randn(args.batch, 77, 768, device="cuda")
     abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2, 0)
@@ -140,10 +147,13 @@ def main() -> None:
                                   "as often as the plan has batches of each, instead of 512 x 512")
     p.add_argument("--no_cudnn_benchmark", action="store_true", help="cuDNN's default algorithms, no trials")
     p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
+    p.add_argument("--profile_ops", help="comma-separated operators (aten::copy_): their GPU time by input shapes "
+                                         "and by calling Python lines, instead")
     p.add_argument("--host_profile", action="store_true", help="print the host's time by Python function instead")
     p.add_argument("--pack_mib", type=float, help="ours, --low_memory --compile: compiled update packs of this many "
                                                    "MiB per tensor instead of low_memory.PACK_BYTES")
     p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
+    p.add_argument("--channels_last", action="store_true", help="the UNet's (and VAE's) 4-D weights in NHWC layout")
     args = p.parse_args()
     setup_cuda()
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
@@ -160,11 +170,14 @@ def main() -> None:
         return profile(step, rows=30)
     if args.host_profile:
         return host_profile(step)
+    if args.profile_ops:
+        return profile_ops(step, args.profile_ops.split(","))
     if args.plan and not args.encode:
         raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
-                        text_encoder=args.text_encoder, **({"plan": args.plan} if args.plan else {}))
+                        text_encoder=args.text_encoder, channels_last=args.channels_last,
+                        **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
                   mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3),
                   peak_first_step_GiB=round(first / 2**30, 3), peak_flop_count_GiB=round(counting / 2**30, 3))
