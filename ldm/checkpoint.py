@@ -324,7 +324,7 @@ def _prepared(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: state dict entry {k!r} is a {type(v).__name__}, not a tensor")
         keep = not v.is_floating_point() or group_of(k) == "schedule" or k in EMA_COUNTERS
-        tensors[k] = v if dtype is None or keep else v.to(dtype)
+        tensors[k] = (v if dtype is None or keep else v.to(dtype)).contiguous()  # as other tools expect
     if any(k.startswith(SD1_TEXT_PREFIX) for k in tensors):
         position_ids = torch.arange(CLIP_CONTEXT_LENGTH, dtype=torch.int64)[None]  # [1, 77]
         old = tensors.get(POSITION_IDS_KEY)

@@ -177,7 +177,7 @@ def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dic
         elif spare and spare.get(_layout(t)):
             copies[key] = spare[_layout(t)].pop().copy_(t.detach())
         else:
-            copies[key] = t.detach().to("cpu", copy=True)
+            copies[key] = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)  # channels_last too
     return copies[key]
 
 

@@ -330,3 +330,16 @@ def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
         rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
                        f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them")
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def check_channels_last(channels_last: Any, optimizer: str) -> bool:
+    """`model.params.channels_last`, checked against the optimizer: adamw_bf16 packs and chunks
+    flat views of contiguous weights, so NHWC weights would each take the slow whole-tensor
+    path, with fp32 temporaries that break the low-memory peaks."""
+    key = "model.params.channels_last"
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"{key}: expected true or false, got {channels_last!r}")
+    if channels_last and optimizer == "adamw_bf16":
+        raise ValueError(f"{key}: not with optimizer.name: adamw_bf16 (its packed updates need contiguous "
+                         f"weights); set channels_last: false")
+    return channels_last

@@ -146,6 +146,24 @@ def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: Opt
     return OPTIMIZERS[cfg.name](groups, cfg, device_type, key)
 
 
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> int:
+    """Give each per-weight state tensor (AdamW's moments) its weight's memory layout; returns
+    how many were copied. A resumed run restores the state in the layout it was saved in, and
+    `model.params.channels_last` may have changed since: fused AdamW walks weight, gradient
+    and moments as flat memory, so an NHWC weight with NCHW moments would be updated with
+    another element's moments, silently."""
+    copied = 0
+    for param, state in optimizer.state.items():
+        if not isinstance(param, torch.Tensor):
+            continue
+        for name, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 1
+                    and value.stride() != param.stride()):
+                state[name] = torch.empty_like(param, dtype=value.dtype, device=value.device).copy_(value)
+                copied += 1
+    return copied
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int,
                     key: str = DEFAULT_KEY) -> torch.optim.lr_scheduler.LambdaLR:
     """The LambdaLR for `cfg`'s schedule over `total_steps` optimizer steps (step it every step)."""

@@ -35,8 +35,9 @@ from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.regional_compile import check_cudagraphs, check_cudagraphs_trainer, compile_model
-from ldm.optim.low_memory import check_trainer, compile_updates, unet_dtype
-from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
+from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
+from ldm.optim.optimizers import (OptimizerConfig, build_optimizer, build_scheduler, match_state_layouts,
+                                  schedule_steps)
 from ldm.util import instantiate_from_config
 
 
@@ -76,6 +77,7 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
         compile: bool | str = False,
+        channels_last: bool = False,
         unet_precision: str = "fp32",
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
@@ -157,6 +159,7 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         self.compile_blocks = bool(compile)
         self.cudagraphs = compile == "reduce-overhead"
         self.unet_dtype = unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
+        self.channels_last = check_channels_last(channels_last, self.optimizer_config.name)
         self._compiled = False
         self.network_config: NetworkConfig | None = None
         if network is not None:
@@ -291,6 +294,10 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         if self.network_config is not None:
             self.network.set_generator(self.noise_rng)  # dropout draws: part of the saved stream
 
+    def on_train_start(self) -> None:
+        for optimizer in self.trainer.optimizers:  # after a resume restored their state
+            match_state_layouts(optimizer)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.noise_rng is not None:
             checkpoint["noise_rng_state"] = self.noise_rng.get_state()
@@ -318,6 +325,8 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
             self.first_stage_model.to(self.unet_dtype)
             if not self.cond_stage_trainable:
                 self.cond_stage_model.to(self.unet_dtype)
+        if self.channels_last:  # NHWC conv weights: the convolutions' outputs follow them
+            self.model.to(memory_format=torch.channels_last)
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
             rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs))
             self._compiled = True
