@@ -21,7 +21,7 @@ from train_step import ours
 def train(cudagraphs: bool, steps: int) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     torch.manual_seed(0)  # the model's random weights
     args = argparse.Namespace(ckpt=False, text_encoder=True, low_memory=True, encode=False, batch=6, plan=None,
-                              cudagraphs=cudagraphs, pack_mib=None)
+                              cudagraphs=cudagraphs, pack_mib=None, channels_last=False)
     step, compile_all, model = ours(args, with_model=True)
     compile_all()
     watched = {n: p for n, p in model.named_parameters() if p.requires_grad}

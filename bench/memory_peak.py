@@ -36,7 +36,8 @@ def main() -> None:
     args = p.parse_args()
     setup_cuda()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    step, _ = ours(argparse.Namespace(**vars(args), compile=False))
+    step, _ = ours(argparse.Namespace(**vars(args), compile=False, plan=None, cudagraphs=False, pack_mib=None,
+                                      channels_last=False))
     for _ in range(3):
         step()
     torch.cuda.synchronize()

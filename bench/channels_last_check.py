@@ -1,0 +1,62 @@
+"""Does `model.params.channels_last` train as the plain layout does, on the GPU? The full fine-tune
+(batch 8, fp32 weights, fused AdamW) from the same weights and random numbers: plain, plain
+again (the run-to-run noise of cuDNN's kernels), and channels-last; eager, then with
+`--compile` plain and channels-last compiled. One JSON line: each run's losses, how far the
+weights moved, and how far each run's update differs from the first plain run's.
+
+    python bench/channels_last_check.py [--steps 8] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import emit, setup_cuda
+from cudagraphs_check import rel
+from train_step import ours
+
+
+def train(channels_last: bool, compile: bool, steps: int):
+    torch.manual_seed(0)  # the model's random weights
+    args = argparse.Namespace(ckpt=False, text_encoder=False, low_memory=False, encode=False, batch=8, plan=None,
+                              cudagraphs=False, pack_mib=None, channels_last=channels_last)
+    step, compile_all, model = ours(args, with_model=True)
+    if compile:
+        compile_all()
+    watched = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().float().cpu() for n, p in watched.items()}
+    torch.manual_seed(1)  # noise and timesteps
+    losses = [float(step()) for _ in range(steps)]
+    end = {n: p.detach().float().cpu() for n, p in watched.items()}
+    del step, compile_all, model, watched
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return losses, start, end
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    setup_cuda()
+    runs = {"plain": (False, False), "plain_again": (False, False), "channels_last": (True, False)}
+    if args.compile:
+        runs.update(compiled=(False, True), compiled_channels_last=(True, True))
+    results = {name: train(cl, comp, args.steps) for name, (cl, comp) in runs.items()}
+    _, start, end = results["plain"]
+    assert all(rel(s, start) == 0 for _, s, _ in results.values()), "the runs did not start from the same weights"
+    moved = {n: end[n] - start[n] for n in end}
+    record = {f"losses_{name}": [round(x, 6) for x in losses] for name, (losses, _, _) in results.items()}
+    record["weights_moved_rel"] = rel(end, start)
+    for name, (_, _, e) in results.items():
+        if name != "plain":
+            record[f"update_diff_{name}_rel"] = rel({n: e[n] - start[n] for n in e}, moved)
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
