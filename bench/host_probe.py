@@ -24,14 +24,14 @@ class HostProbe(pl.Callback):
         self.start, self.steps, self.rows = start, steps, rows
         self._profile: cProfile.Profile | None = None
         self._t0 = 0.0
-        self._gc: list[float] = []
+        self._gc: list[tuple[int, float]] = []  # (generation, seconds)
         self._gc_start = 0.0
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:
-            self._gc.append(time.perf_counter() - self._gc_start)
+            self._gc.append((info["generation"], time.perf_counter() - self._gc_start))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -44,8 +44,11 @@ class HostProbe(pl.Callback):
             self._profile.disable()
             wall = time.perf_counter() - self._t0
             gc.callbacks.remove(self._on_gc)
+            by_gen = {g: [round(1000 * sum(s for n, s in self._gc if n == g), 1), sum(n == g for n, _ in self._gc)]
+                      for g in sorted({n for n, _ in self._gc})}
             print(f"host probe: steps {self.start}-{step}: {1000 * wall / self.steps:.1f} ms per step (profiled); "
-                  f"{len(self._gc)} garbage collections, {1000 * sum(self._gc):.1f} ms in all", flush=True)
+                  f"{len(self._gc)} garbage collections, {1000 * sum(s for _, s in self._gc):.1f} ms in all; "
+                  f"by generation [ms, collections]: {by_gen}; {gc.get_freeze_count()} objects frozen", flush=True)
             stats = pstats.Stats(self._profile).strip_dirs()
             stats.sort_stats("cumulative").print_stats(self.rows)
             stats.sort_stats("tottime").print_stats(self.rows)

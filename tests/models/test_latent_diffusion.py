@@ -201,3 +201,21 @@ def test_the_schedule_length_is_counted_from_the_plan_as_lightning_counts_it(lim
     for key, value in limits.items():
         setattr(trainer, key, value)
     assert planned_steps(trainer) == expected
+
+
+def test_training_keeps_the_objects_of_its_set_up_out_of_garbage_collections():
+    """A full collection mid-step walks every live object (model, tokenizer vocabulary, loader);
+    those made before training are frozen out of them for the run, and released at its end."""
+    import gc
+    from types import SimpleNamespace
+
+    model = build(ROOT / "tests/configs/tiny.yaml")
+    model._trainer = SimpleNamespace(optimizers=[])
+    gc.unfreeze()
+    try:
+        model.on_train_start()
+        assert gc.get_freeze_count() > 10_000  # the tokenizer's vocabulary alone is ~50k entries
+        model.on_train_end()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

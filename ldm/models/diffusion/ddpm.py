@@ -20,6 +20,7 @@ validation and sampling run in are in ldm.models.diffusion.evaluation (a mixin).
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -297,6 +298,13 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
     def on_train_start(self) -> None:
         for optimizer in self.trainer.optimizers:  # after a resume restored their state
             match_state_layouts(optimizer)
+        # The objects made so far (model, tokenizer vocabulary, loader, loggers) live for the run:
+        # out of Python's garbage collections, whose full passes would walk them all mid-step.
+        gc.collect()
+        gc.freeze()
+
+    def on_train_end(self) -> None:
+        gc.unfreeze()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.noise_rng is not None:
