@@ -26,9 +26,11 @@ echo "$e2e"
 # the run's checkpoints are 11 GB each at SD size: repeated runs filled a 64 GiB disk
 [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "$run/checkpoints"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
-bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode | grep '^{')
+# as the shipped configs run (lightning.trainer.benchmark: false); with cuDNN's per-process kernel
+# trials on, the bare step differed by up to 10% between two processes of one call
+bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark | grep '^{')
 echo "$bare"
-buckets=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --steps 60 \
+buckets=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark --steps 60 \
     --plan "$run/dataset_plan.json" | grep '^{')
 echo "$buckets"
 python3 -c "import json,sys; e,b,k=(json.loads(s) for s in sys.argv[1:]); print(json.dumps({
