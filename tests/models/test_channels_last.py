@@ -109,3 +109,16 @@ def test_written_files_hold_contiguous_tensors(tmp_path):
     for name in ("last.ckpt", "pruned.ckpt"):
         loaded = torch.load(tmp_path / name, weights_only=False)["state_dict"]["model.w"]
         assert loaded.is_contiguous() and torch.equal(loaded, w), name
+
+
+def test_the_ema_follows_the_weights_layout_and_averages_the_same():
+    plain, nhwc = tiny(use_ema=True), tiny(use_ema=True, channels_last=True)
+    shadows = [b for b in nhwc.model_ema.buffers() if b.dim() == 4 and b.shape[-1] > 1]
+    assert shadows and all(b.is_contiguous(memory_format=NHWC) for b in shadows)
+    for model in (plain, nhwc):
+        with torch.no_grad():
+            for p in model.model.parameters():
+                p.add_(1.0)
+        model.model_ema(model.model)
+    for (name, a), b in zip(plain.model_ema.state_dict().items(), nhwc.model_ema.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)

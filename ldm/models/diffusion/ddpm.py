@@ -15,12 +15,12 @@ adapter weights train: the UNet, VAE and text encoder are frozen and kept in hal
 precision, and checkpoints hold the adapter (`network.*`) alone. State-dict names follow the released checkpoints:
 `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule
 buffers, and `model_ema.*` when EMA is on. The validation loss and the scopes that
-validation and sampling run in are in ldm.models.diffusion.evaluation (a mixin).
+validation and sampling run in are in ldm.models.diffusion.evaluation, what a run saves,
+restores and sets up around training in ldm.models.diffusion.run_state (mixins).
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -31,14 +31,14 @@ from torch import nn
 from ldm.models.diffusion import losses, schedule
 from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
 from ldm.models.diffusion.evaluation import Evaluation
+from ldm.models.diffusion.run_state import RunState
 from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.regional_compile import check_cudagraphs, check_cudagraphs_trainer, compile_model
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
-from ldm.optim.optimizers import (OptimizerConfig, build_optimizer, build_scheduler, match_state_layouts,
-                                  schedule_steps)
+from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
 
 
@@ -58,7 +58,7 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-class LatentDiffusion(Evaluation, pl.LightningModule):
+class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
     def __init__(
         self,
         unet_config: Mapping[str, Any],
@@ -282,45 +282,6 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
             loss = loss * batch["loss_weight"].to(loss)
         return loss.mean()
 
-    # ---- the training noise stream -------------------------------------------------
-    # Timesteps, noise and posterior samples come from one generator on the model's device,
-    # seeded from the run's seed and rank and saved in every checkpoint, so a resumed run
-    # draws exactly what the uninterrupted one would have (the global RNG is also drawn
-    # from by DataLoaders and libraries, and Lightning does not save it).
-    def on_fit_start(self) -> None:
-        seed = torch.initial_seed() + self.global_rank
-        self.noise_rng = torch.Generator(device=self.device).manual_seed(seed)
-        self.host_rng = torch.Generator().manual_seed(seed)  # reading draws back from a GPU would sync
-        self._apply_rng_states()
-        if self.network_config is not None:
-            self.network.set_generator(self.noise_rng)  # dropout draws: part of the saved stream
-
-    def on_train_start(self) -> None:
-        for optimizer in self.trainer.optimizers:  # after a resume restored their state
-            match_state_layouts(optimizer)
-        # The objects made so far (model, tokenizer vocabulary, loader, loggers) live for the run:
-        # out of Python's garbage collections, whose full passes would walk them all mid-step.
-        gc.collect()
-        gc.freeze()
-
-    def on_train_end(self) -> None:
-        gc.unfreeze()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.noise_rng is not None:
-            checkpoint["noise_rng_state"] = self.noise_rng.get_state()
-            checkpoint["host_rng_state"] = self.host_rng.get_state()
-        checkpoint["state_dict"] = self.saved_state_dict(checkpoint["state_dict"])
-        if self.network_config is not None:
-            checkpoint["adapter_only"] = True
-
-    def saved_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What a training checkpoint keeps of the state dict: all of it, or only the adapter
-        weights (`network.*`) in an adapter run, whose frozen base comes from --actual_resume again."""
-        if self.network_config is None:
-            return state_dict
-        return {k: v for k, v in state_dict.items() if k.startswith("network.")}
-
     # ---- the schedule of the config; the frozen base in half precision (adapter runs) -----
     def setup(self, stage: str) -> None:
         self._use_config_schedule()
@@ -334,7 +295,8 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
             if not self.cond_stage_trainable:
                 self.cond_stage_model.to(self.unet_dtype)
         if self.channels_last:  # NHWC conv weights: the convolutions' outputs follow them
-            self.model.to(memory_format=torch.channels_last)
+            for part in (self.model, self.model_ema) if self.use_ema else (self.model,):
+                part.to(memory_format=torch.channels_last)  # the EMA's buffers too: one multi-tensor lerp
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
             rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs))
             self._compiled = True
@@ -368,16 +330,6 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         for message in found:
             rank_zero_warn(message)
         return found
-
-    def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
-        self._pending_rng = {k: checkpoint[k] for k in ("noise_rng_state", "host_rng_state") if k in checkpoint}
-        if self.noise_rng is not None:
-            self._apply_rng_states()
-
-    def _apply_rng_states(self) -> None:
-        for key, generator in (("noise_rng_state", self.noise_rng), ("host_rng_state", self.host_rng)):
-            if key in self._pending_rng:
-                generator.set_state(self._pending_rng.pop(key))
 
     # ---- Lightning hooks ---------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -433,5 +385,3 @@ class LatentDiffusion(Evaluation, pl.LightningModule):
         scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
-# ---- does a checkpoint look made for the config's prediction type? ----------------------
