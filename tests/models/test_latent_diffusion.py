@@ -213,8 +213,15 @@ def test_training_keeps_the_objects_of_its_set_up_out_of_garbage_collections():
     model._trainer = SimpleNamespace(optimizers=[])
     gc.unfreeze()
     try:
+        run_objects = [[] for _ in range(5000)]  # a run's objects in reference cycles
+        for a in run_objects:
+            a.append(a)
         model.on_train_start()
-        assert gc.get_freeze_count() > 10_000  # the tokenizer's vocabulary alone is ~50k entries
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # the tokenizer's vocabulary alone is ~50k entries
+        del run_objects, a  # the run failed (no on_train_end) and its objects are dropped
+        model.on_train_start()  # the next run in this process releases and collects them
+        assert gc.get_freeze_count() < frozen - 4000
         model.on_train_end()
         assert gc.get_freeze_count() == 0
     finally:

@@ -33,6 +33,8 @@ class RunState:
             match_state_layouts(optimizer)
         # The objects made so far (model, tokenizer vocabulary, loader, loggers) live for the run:
         # out of Python's garbage collections, whose full passes would walk them all mid-step.
+        # A run that failed never reached on_train_end: what it froze is released here.
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
 
