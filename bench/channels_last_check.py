@@ -9,32 +9,15 @@ weights moved, and how far each run's update differs from the first plain run's.
 from __future__ import annotations
 
 import argparse
-import gc
-
-import torch
 
 from common import emit, setup_cuda
-from cudagraphs_check import rel
-from train_step import ours
+from cudagraphs_check import rel, seeded_run
 
 
 def train(channels_last: bool, compile: bool, steps: int):
-    torch.manual_seed(0)  # the model's random weights
     args = argparse.Namespace(ckpt=False, text_encoder=False, low_memory=False, encode=False, batch=8, plan=None,
                               cudagraphs=False, pack_mib=None, channels_last=channels_last)
-    step, compile_all, model = ours(args, with_model=True)
-    if compile:
-        compile_all()
-    watched = {n: p for n, p in model.model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().float().cpu() for n, p in watched.items()}
-    torch.manual_seed(1)  # noise and timesteps
-    losses = [float(step()) for _ in range(steps)]
-    end = {n: p.detach().float().cpu() for n, p in watched.items()}
-    del step, compile_all, model, watched
-    gc.collect()
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
-    return losses, start, end
+    return seeded_run(args, steps, compile, unet_only=True)
 
 
 def main() -> None:

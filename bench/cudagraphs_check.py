@@ -19,12 +19,20 @@ from train_step import ours
 
 
 def train(cudagraphs: bool, steps: int) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    torch.manual_seed(0)  # the model's random weights
     args = argparse.Namespace(ckpt=False, text_encoder=True, low_memory=True, encode=False, batch=6, plan=None,
                               cudagraphs=cudagraphs, pack_mib=None, channels_last=False)
+    return seeded_run(args, steps, compile=True)
+
+
+def seeded_run(args: argparse.Namespace, steps: int, compile: bool, unet_only: bool = False):
+    """`steps` training steps of bench/train_step.py's model for `args`, from the weights of
+    seed 0 and the random numbers of seed 1: the losses, and the trained weights (the UNet's
+    alone with `unet_only`) at the start and at the end, on the host."""
+    torch.manual_seed(0)  # the model's random weights
     step, compile_all, model = ours(args, with_model=True)
-    compile_all()
-    watched = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if compile:
+        compile_all()
+    watched = {n: p for n, p in (model.model if unet_only else model).named_parameters() if p.requires_grad}
     start = {n: p.detach().float().cpu() for n, p in watched.items()}
     torch.manual_seed(1)  # noise, timesteps, stochastic rounding
     losses = [float(step()) for _ in range(steps)]
