@@ -1,6 +1,6 @@
 """A callback for bench runs of main.py: where does the host's time go between steps?
 
-    lightning: {callbacks: {host_probe: {target: bench.host_probe.HostProbe, params: {start: 110, steps: 30}}}}
+    E2E_OVERRIDES="bench/configs/end_to_end.yaml bench/configs/host_probe.yaml" bash bench/end_to_end.sh
 
 From the end of optimizer step `start - 1` to the end of step `start + steps - 1` it runs
 cProfile and times Python's garbage collections, then prints the window's wall time per step,
