@@ -148,10 +148,10 @@ def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: Opt
 
 def match_state_layouts(optimizer: torch.optim.Optimizer) -> int:
     """Give each per-weight state tensor (AdamW's moments) its weight's memory layout; returns
-    how many were copied. A resumed run restores the state in the layout it was saved in, and
-    `model.params.channels_last` may have changed since: fused AdamW walks weight, gradient
-    and moments as flat memory, so an NHWC weight with NCHW moments would be updated with
-    another element's moments, silently."""
+    how many were copied. A resumed run restores the state as the file holds it (contiguous,
+    as checkpoints are written), while `model.params.channels_last` stores weights NHWC: fused
+    AdamW walks weight, gradient and moments as flat memory, so an NHWC weight with NCHW
+    moments would be updated with another element's moments, silently."""
     copied = 0
     for param, state in optimizer.state.items():
         if not isinstance(param, torch.Tensor):
