@@ -247,3 +247,58 @@ def test_use_checkpoint_matches_plain_forward_and_gradients(monkeypatch):
     with torch.no_grad():  # inference never checkpoints
         ckpt(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 3, 64))
     assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_group_norm_keeps_nhwc_and_equals_torchs(dtype):
+    from ldm.modules.diffusionmodules.util import group_norm_channels_last
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    x = (torch.randn(2, 64, 5, 7) * 3 + 1).to(dtype)
+    g = torch.randn(2, 64, 5, 7).to(dtype)
+    outs, grads = [], []
+    for fn, inp in ((torch.nn.functional.group_norm, x.clone()),
+                    (group_norm_channels_last, x.to(memory_format=torch.channels_last))):
+        inp.requires_grad_()
+        out = fn(inp.float(), 32, weight, bias, 1e-5).to(dtype)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [inp, weight, bias], g))
+    assert outs[1].dtype == dtype and outs[1].is_contiguous(memory_format=torch.channels_last)
+    assert not outs[1].is_contiguous()
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_the_compiled_group_norm_of_an_nhwc_map_stays_nhwc():
+    """torch.compile traces F.group_norm on a GPU through a decomposition that copies the input
+    to NCHW (the meta device takes the same path); the UNet's norm must trace NHWC throughout,
+    its gradient too. Eager, it is torch's own kernel."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    from ldm.modules.diffusionmodules.util import normalization
+
+    layouts = {}
+
+    def capture(name):
+        def compiler(graph, inputs):
+            out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+            layouts[name] = [o.meta["val"].is_contiguous(memory_format=torch.channels_last)
+                             and not o.meta["val"].is_contiguous() for o in out if o.meta["val"].dim() == 4]
+            return make_boxed_func(graph.forward)
+        return compiler
+
+    norm = normalization(64).to("meta")
+    x = torch.empty(2, 64, 5, 7, device="meta").to(memory_format=torch.channels_last).requires_grad_()
+    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"),
+                           decompositions=select_decomp_table())
+    torch._dynamo.reset()
+    out = torch.compile(norm, backend=backend, fullgraph=True)(x)
+    out.sum().backward()
+    torch._dynamo.reset()
+    assert layouts["forward"] and all(layouts["forward"]), layouts
+    assert layouts["backward"] and all(layouts["backward"]), layouts

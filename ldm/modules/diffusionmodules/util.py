@@ -2,7 +2,7 @@
 
 - `timestep_embedding`: the sinusoidal embedding of the diffusion step t.
 - `zero_module`: zero a layer's parameters so a residual branch starts as identity.
-- `normalization`: GroupNorm with 32 groups, computed in float32.
+- `normalization`: GroupNorm with 32 groups, computed in float32 (NHWC maps stay NHWC).
 - `checkpoint`: activation checkpointing that only kicks in while training.
 """
 from __future__ import annotations
@@ -50,7 +50,34 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        if torch.compiler.is_compiling() and x.dim() == 4 and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            return group_norm_channels_last(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.group_norm of an NHWC feature map that stays NHWC (model.params.channels_last).
+
+    The decomposition torch.compile traces for F.group_norm on a GPU copies the input to NCHW
+    first, so the compiled step hands each convolution behind a norm an NCHW gradient and
+    cuDNN copies it back to NHWC: ~10 ms of a 235 ms SD 1.x step at batch 32 (doc/PERFORMANCE.md).
+    Here every operation works on views of the NHWC memory. Used only while compiling: eager,
+    these separate operations keep several float32 copies of the map for the backward (11 GiB
+    more at batch 32) where torch's own kernel keeps one.
+
+    x: [B, C, H, W] in NHWC memory -> [B, C, H, W] in NHWC memory.
+    """
+    b, c, h, w = x.shape
+    xg = x.unflatten(1, (groups, c // groups))  # [B, G, C/G, H, W], a view
+    var, mean = torch.var_mean(xg, dim=(2, 3, 4), unbiased=False, keepdim=True)  # [B, G, 1, 1, 1]
+    x = ((xg - mean) * torch.rsqrt(var + eps)).flatten(1, 2)  # [B, C, H, W], NHWC
+    if weight is not None:
+        x = x * weight[:, None, None]
+    if bias is not None:
+        x = x + bias[:, None, None]
+    return x
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
