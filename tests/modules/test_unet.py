@@ -161,10 +161,29 @@ def test_cross_attention_matches_softmax_reference(context_dim):
 def test_geglu_gates_with_the_second_half():
     torch.manual_seed(0)
     ff = FeedForward(8)
-    x = torch.randn(3, 8)
+    x = torch.randn(3, 8, requires_grad=True)
     value, gate = ff.net[0].proj(x).split(32, dim=-1)
     reference = ff.net[2](value * torch.nn.functional.gelu(gate))
-    torch.testing.assert_close(ff(x), reference)
+    g = torch.randn(3, 8)
+    expected = torch.autograd.grad(reference, [x, *ff.parameters()], g)
+    got = ff(x)
+    torch.testing.assert_close(got, reference)
+    for a, b in zip(torch.autograd.grad(got, [x, *ff.parameters()], g), expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_geglu_runs_an_adapted_projection_whole():
+    """An adapter patches proj.forward; GEGLU must go through it, not around it."""
+    torch.manual_seed(0)
+    ff = FeedForward(8)
+    x = torch.randn(3, 8)
+    plain = ff(x)
+    base = ff.net[0].proj.forward
+    ff.net[0].proj.forward = lambda t: base(t) + 1.0  # as ldm.modules.adapters does
+    value, gate = (base(x) + 1.0).split(32, dim=-1)
+    adapted = ff(x)
+    torch.testing.assert_close(adapted, ff.net[2](value * torch.nn.functional.gelu(gate)))
+    assert not torch.allclose(adapted, plain)
 
 
 def tiny_unet(seed=0, **overrides):
