@@ -33,3 +33,6 @@ row full32cl   300 bench/train_step.py --impl ours --batch 32 --compile --channe
 row diffusers32e   150 bench/train_step.py --impl diffusers --batch 32
 row diffusers32ecl 150 bench/train_step.py --impl diffusers --batch 32 --channels_last
 row diffusers32cl  300 bench/train_step.py --impl diffusers --batch 32 --compile --channels_last
+row full32clb  300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --compile_blocks
+row full32clck 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor combo_kernels=1
+row full32clmb 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --memory_budget 0.9

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, profile, setup_cuda, sync_check, time_steps
-from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
+from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 
 
 def ours(args: argparse.Namespace):
@@ -45,7 +45,7 @@ def ours(args: argparse.Namespace):
              "caption": CAPTIONS[: args.batch]}
     step = our_step(model, batch, params, lr=1e-4)
     if args.compile:  # model.params.compile: true (regional, in place), or reduce-overhead with --cudagraphs
-        compile_model(model, cudagraphs=args.cudagraphs)
+        compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole_unet_pays(args.cudagraphs, False, False))
     if args.cudagraphs:  # what LatentDiffusion.training_step does: each step starts a new replay
         graphed = step
 

@@ -12,6 +12,8 @@
     python bench/train_step.py ... --profile_ops aten::copy_    # an operator's GPU time by shapes and callers
     python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
     python bench/train_step.py --impl ours|diffusers --batch 32 [--compile] --channels_last   # NHWC convolutions
+    python bench/train_step.py --impl ours --batch 32 --compile --compile_blocks   # blocks, not the whole UNet
+    python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
                     profile_ops, setup_cuda, step_flops, time_steps)
-from ldm.modules.regional_compile import compile_model  # noqa: E402 (common puts the repo on sys.path)
+from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
 
@@ -69,7 +71,8 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     def compile_all():  # what model.params.compile: true (or reduce-overhead, --cudagraphs) does
         if args.pack_mib:
             low_memory.PACK_BYTES = int(args.pack_mib * 2**20)
-        compile_model(model, cudagraphs=args.cudagraphs)
+        whole = whole_unet_pays(args.cudagraphs, args.low_memory, args.ckpt) and not args.compile_blocks
+        compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole)
         compile_updates(step.optimizer)
     if args.cudagraphs:  # as LatentDiffusion.training_step: each step starts a new replay
         graphed = step
@@ -154,7 +157,25 @@ def main() -> None:
                                                    "MiB per tensor instead of low_memory.PACK_BYTES")
     p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
     p.add_argument("--channels_last", action="store_true", help="the UNet's (and VAE's) 4-D weights in NHWC layout")
+    p.add_argument("--compile_blocks", action="store_true",
+                   help="ours, with --compile: the UNet's blocks as separate graphs where main.py compiles it whole")
+    p.add_argument("--inductor", default="", help="comma-separated torch._inductor.config settings for --compile, "
+                                                  "e.g. conv_1x1_as_mm=1,force_layout_optimization=1")
+    p.add_argument("--memory_budget", type=float, help="with --compile: torch._functorch.config."
+                                                          "activation_memory_budget (recompute to save memory)")
     args = p.parse_args()
+    if args.memory_budget is not None:
+        torch._functorch.config.activation_memory_budget = args.memory_budget
+    for setting in filter(None, args.inductor.split(",")):
+        key, value = setting.split("=")
+        import torch._inductor.config as inductor_config
+        target = inductor_config
+        *path, name = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key}")
+        setattr(target, name, type(getattr(target, name))(int(value) if value.isdigit() else value))
     setup_cuda()
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
@@ -167,16 +188,21 @@ def main() -> None:
     if args.compile:
         compile_fn()  # compiled on the first warm-up step
     if args.profile:
-        return profile(step, rows=30)
-    if args.host_profile:
-        return host_profile(step)
+        profile(step, rows=30)
     if args.profile_ops:
-        return profile_ops(step, args.profile_ops.split(","))
+        profile_ops(step, args.profile_ops.split(","))
+    if args.host_profile:
+        host_profile(step)
+    if args.profile or args.profile_ops or args.host_profile:
+        return
     if args.plan and not args.encode:
         raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")
     record = time_steps(step, args.batch, args.steps, args.warmup, impl=args.impl, ckpt=args.ckpt,
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
                         text_encoder=args.text_encoder, channels_last=args.channels_last,
+                        **({"compile_blocks": True} if args.compile_blocks else {}),
+                        **({"inductor": args.inductor} if args.inductor else {}),
+                        **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
                   mfu=round(flops * record["img_per_s"] / (rate * 1e12), 3),

@@ -5,10 +5,11 @@ adapters issue ~10k small kernels, each costing more time to launch from Python 
 run (doc/PERFORMANCE.md). Compiling fuses the elementwise work around the convolutions,
 matmuls and attention, and cuts the launches.
 
-Why per block and not the whole UNet: the 25 UNet blocks (`input_blocks.*`, `middle_block`,
-`output_blocks.*`) and the text encoder's layers are small graphs; identical ones (the 12
-text-encoder layers) are traced once, and a graph break or a failed lowering costs one
-block, not the model.
+Why per block: the 25 UNet blocks (`input_blocks.*`, `middle_block`, `output_blocks.*`) and
+the text encoder's layers are small graphs; identical ones (the 12 text-encoder layers) are
+traced once, and a graph break or a failed lowering costs one block, not the model. The
+plain full fine-tune step (`whole_unet_pays`) compiles the UNet as one graph instead: fused
+across the blocks' seams it ran 1.03x faster at batch 32 on an H200 (doc/PERFORMANCE.md).
 
 The VAE encoder runs in every step unless latents are cached (`cache_latents`), and at
 512 px it is a third of the step's FLOPs (doc/PERFORMANCE.md): it is compiled whole, one
@@ -67,16 +68,32 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", mode:
     return len(blocks)
 
 
-def compile_model(model: nn.Module, backend: str = "inductor", cudagraphs: bool = False) -> str:
-    """Compile a LatentDiffusion's UNet and text-encoder blocks and its VAE encoder, the UNet
-    blocks with CUDA graphs if asked; returns a line for the log."""
-    unet_mode = "reduce-overhead" if cudagraphs else None
-    n_unet = compile_blocks(unet_blocks(model.model.diffusion_model), backend, unet_mode)
+def compile_model(model: nn.Module, backend: str = "inductor", cudagraphs: bool = False,
+                  whole_unet: bool = False) -> str:
+    """Compile a LatentDiffusion's UNet (its blocks, as CUDA graphs if asked, or with
+    `whole_unet` the UNet as one graph), its text-encoder blocks and its VAE encoder; returns a
+    line for the log."""
+    unet = model.model.diffusion_model
+    if whole_unet:
+        compile_blocks([unet], backend)
+        what = "the UNet as one graph"
+    else:
+        n_unet = compile_blocks(unet_blocks(unet), backend, "reduce-overhead" if cudagraphs else None)
+        what = f"{n_unet} UNet blocks" + (" (as CUDA graphs)" if cudagraphs else "")
     n_text = compile_blocks(model.cond_stage_model.blocks(), backend)
     compile_blocks([model.first_stage_model.encoder], backend)
-    graphs = " (as CUDA graphs)" if cudagraphs else ""
-    return (f"torch.compile ({backend}): {n_unet} UNet blocks{graphs}, {n_text} text-encoder layers and the VAE "
+    return (f"torch.compile ({backend}): {what}, {n_text} text-encoder layers and the VAE "
             "encoder, compiled on first use (the first step takes a minute or more)")
+
+
+def whole_unet_pays(cudagraphs: bool, fused_backward: bool, use_checkpoint: bool) -> bool:
+    """Whether `compile: true` compiles the UNet as one graph: for the plain step, where it
+    fuses across the blocks' seams (1.03x at batch 32 on an H200, doc/PERFORMANCE.md). Blocks
+    stay separate graphs where the step depends on them: CUDA graphs record blocks; steps in
+    the backward (`fused_backward`) free each block's gradients as its backward ends, which a
+    single backward graph would only hand over at its end; and gradient checkpointing is
+    measured with compiled blocks."""
+    return not (cudagraphs or fused_backward or use_checkpoint)
 
 
 def check_cudagraphs(adapters: bool, unet_config: Mapping[str, Any], fused_backward: bool = False) -> None:

@@ -158,12 +158,40 @@ def test_cuda_graphs_mark_each_training_step_and_evaluate_uncompiled(monkeypatch
     assert events == ["step", "force_eager"]
 
 
-def test_the_config_switch_compiles_at_setup_once():
-    model = tiny(False, compile=True)
-    blocks = unet_blocks(model.model.diffusion_model)
-    assert all(b._compiled_call_impl is None for b in blocks)  # not before the run is set up
+@pytest.mark.parametrize("params, checkpointing, whole", [
+    ({}, False, True),  # the plain step: the UNet as one graph
+    ({"optimizer": {"fused_backward": True}}, False, False),  # each block's gradients freed as its backward ends
+    ({}, True, False),
+])
+def test_the_config_switch_compiles_at_setup_once(params, checkpointing, whole):
+    model = tiny(False, compile=True, **params)
+    unet = model.model.diffusion_model
+    for m in unet.modules():  # unet_config.params.use_checkpoint
+        if hasattr(m, "use_checkpoint"):
+            m.use_checkpoint = checkpointing
+    compiled = [unet] if whole else unet_blocks(unet)
+    assert all(m._compiled_call_impl is None for m in compiled)  # not before the run is set up
     model.setup("fit")
-    first = [b._compiled_call_impl for b in blocks]
+    first = [m._compiled_call_impl for m in compiled]
     assert all(c is not None for c in first)
+    others = [unet_blocks(unet)[0]] if whole else [unet]
+    assert all(m._compiled_call_impl is None for m in others)  # never both
     model.setup("validate")  # Lightning sets up again for later stages: not compiled twice
-    assert [b._compiled_call_impl for b in blocks] == first
+    assert [m._compiled_call_impl for m in compiled] == first
+
+
+def test_the_whole_compiled_unet_gives_the_plain_loss_and_gradients():
+    plain, compiled = tiny(lora=False), tiny(lora=False)
+    with torch.no_grad():  # the zero-initialised output layers random, so every weight gets gradient
+        for a, b in zip(plain.model.parameters(), compiled.model.parameters()):
+            if not a.any():
+                a.normal_(0, 0.02)
+                b.copy_(a)
+    assert "the UNet as one graph" in compile_model(compiled, backend="aot_eager", whole_unet=True)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        loss_c, grads_c = step(compiled, 8)
+    loss_p, grads_p = step(plain, 8)
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
+    assert len(grads_c) == len(grads_p) > 0
+    for a, b in zip(grads_c, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

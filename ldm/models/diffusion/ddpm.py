@@ -36,7 +36,8 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.regional_compile import check_cudagraphs, check_cudagraphs_trainer, compile_model
+from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, compile_model,
+                                          whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
@@ -298,7 +299,9 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             for part in (self.model, self.model_ema) if self.use_ema else (self.model,):
                 part.to(memory_format=torch.channels_last)  # the EMA's buffers too: one multi-tensor lerp
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
-            rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs))
+            checkpointing = any(getattr(m, "use_checkpoint", False) for m in self.model.modules())
+            whole = whole_unet_pays(self.cudagraphs, self.optimizer_config.fused_backward, checkpointing)
+            rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs, whole_unet=whole))
             self._compiled = True
 
     def _use_config_schedule(self) -> None:
