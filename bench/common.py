@@ -158,6 +158,46 @@ def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
     table = prof.key_averages().table
     print(table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
     print(table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90), flush=True)  # host side
+    print_kernel_kinds(prof, steps)
+
+
+KERNEL_KINDS = [  # (kind, pattern of the GPU kernel's name); the first that matches names it
+    ("fused (triton)", r"^triton_"),  # inductor's kernels (names like triton_poi_fused__to_copy_add_...)
+    ("attention", r"sdpa|fmha|flash|attention|_fort_native"),
+    ("convolution", r"fprop|dgrad|wgrad|conv|implicit_gemm|winograd"),
+    ("matmul", r"gemm|nvjet|cutlass|sm90_xmma|cublas"),
+    ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|copy"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("norm", r"norm"),
+]
+
+
+def print_kernel_kinds(prof, steps: int, top: int = 12) -> None:
+    """The GPU time per step by kind of kernel (matmul, convolution, attention, fused elementwise,
+    layout copies, optimizer, other), then the slowest fused kernels: where a faster step has to
+    come from."""
+    import re
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    fused: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():  # kernels only: not the CPU ops, nor the annotated ranges (Optimizer.step#...)
+        if e.device_type != DeviceType.CUDA or e.is_user_annotation:
+            continue
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, e.name, re.I)), "other")
+        for table, key in ((kinds, kind), (fused, e.name if kind == "fused (triton)" else None)):
+            if key is not None:
+                table[key][0] += e.device_time_total
+                table[key][1] += 1
+    total = sum(us for us, _ in kinds.values())
+    for title, table in ((f"kind of kernel (all kernels: {total / 1000 / steps:.1f} ms)", kinds),
+                         ("fused kernel, the slowest", fused)):
+        print(f"== GPU time per step by {title}", flush=True)
+        for name, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"{us / 1000 / steps:8.2f} ms/step {us / total:6.1%} {n / steps:6.0f} kernels/step  {name}",
+                  flush=True)
 
 
 def profile_ops(step: Callable[[], None], names: list[str], steps: int = 2, rows: int = 15) -> None:
