@@ -47,6 +47,18 @@ def step(model, side: int, seed: int = 3):
     return loss.detach(), grads
 
 
+def assert_same_step(compiled, plain) -> None:
+    """The compiled model's training step (no recompile-limit fallback) gives the plain one's
+    loss and gradients."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        loss_c, grads_c = step(compiled, 8)
+    loss_p, grads_p = step(plain, 8)
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
+    assert len(grads_c) == len(grads_p) > 0
+    for a, b in zip(grads_c, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -63,13 +75,7 @@ def test_compiled_blocks_give_the_plain_loss_and_gradients_and_keep_the_names():
     blocks = unet_blocks(compiled.model.diffusion_model) + compiled.cond_stage_model.blocks()
     assert all(b._compiled_call_impl is not None for b in blocks + [compiled.first_stage_model.encoder])
     assert list(compiled.state_dict()) == names  # in place: no _orig_mod. in any key
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        loss_c, grads_c = step(compiled, 8)
-    loss_p, grads_p = step(plain, 8)
-    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
-    assert len(grads_c) == len(grads_p) > 0
-    for a, b in zip(grads_c, grads_p):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_step(compiled, plain)
     image = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1  # encoded in the step
     torch.testing.assert_close(compiled.batch_latents({"image": image}, mode=True),
                                plain.batch_latents({"image": image}, mode=True), rtol=1e-5, atol=1e-6)
@@ -188,10 +194,4 @@ def test_the_whole_compiled_unet_gives_the_plain_loss_and_gradients():
                 a.normal_(0, 0.02)
                 b.copy_(a)
     assert "the UNet as one graph" in compile_model(compiled, backend="aot_eager", whole_unet=True)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        loss_c, grads_c = step(compiled, 8)
-    loss_p, grads_p = step(plain, 8)
-    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
-    assert len(grads_c) == len(grads_p) > 0
-    for a, b in zip(grads_c, grads_p):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_step(compiled, plain)

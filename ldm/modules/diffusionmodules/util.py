@@ -2,7 +2,7 @@
 
 - `timestep_embedding`: the sinusoidal embedding of the diffusion step t.
 - `zero_module`: zero a layer's parameters so a residual branch starts as identity.
-- `normalization`: GroupNorm with 32 groups, computed in float32 (NHWC maps stay NHWC).
+- `normalization`: GroupNorm with 32 groups, computed in float32 (NHWC maps stay NHWC when compiled).
 - `checkpoint`: activation checkpointing that only kicks in while training.
 """
 from __future__ import annotations
@@ -69,8 +69,7 @@ def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor 
 
     x: [B, C, H, W] in NHWC memory -> [B, C, H, W] in NHWC memory.
     """
-    b, c, h, w = x.shape
-    xg = x.unflatten(1, (groups, c // groups))  # [B, G, C/G, H, W], a view
+    xg = x.unflatten(1, (groups, x.shape[1] // groups))  # [B, G, C/G, H, W], a view
     var, mean = torch.var_mean(xg, dim=(2, 3, 4), unbiased=False, keepdim=True)  # [B, G, 1, 1, 1]
     x = ((xg - mean) * torch.rsqrt(var + eps)).flatten(1, 2)  # [B, C, H, W], NHWC
     if weight is not None:
