@@ -44,8 +44,9 @@ def ours(args: argparse.Namespace):
     batch = {"latent": torch.randn(args.batch, 4, 64, 64, device="cuda"), "tokens": tokens,
              "caption": CAPTIONS[: args.batch]}
     step = our_step(model, batch, params, lr=1e-4)
-    if args.compile:  # model.params.compile: true (regional, in place), or reduce-overhead with --cudagraphs
-        compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole_unet_pays(args.cudagraphs, False, False))
+    if args.compile:  # model.params.compile: true (the UNet whole, in place), or reduce-overhead with --cudagraphs
+        whole = whole_unet_pays(args.cudagraphs, fused_backward=False, use_checkpoint=False)
+        compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole)
     if args.cudagraphs:  # what LatentDiffusion.training_step does: each step starts a new replay
         graphed = step
 

@@ -128,6 +128,22 @@ def baseline(args: argparse.Namespace):
     return step, unet.compile  # the whole UNet, in place
 
 
+def set_inductor(settings: str) -> None:
+    """Set torch._inductor.config from "key=value,..." (dotted keys for its sub-configs,
+    e.g. triton.cudagraphs=1); an unknown key stops the run."""
+    import torch._inductor.config as inductor_config
+
+    for setting in filter(None, settings.split(",")):
+        key, value = setting.split("=")
+        *path, name = key.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key}")
+        setattr(target, name, type(getattr(target, name))(int(value) if value.isdigit() else value))
+
+
 def peak_since_reset() -> int:
     peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -166,16 +182,7 @@ def main() -> None:
     args = p.parse_args()
     if args.memory_budget is not None:
         torch._functorch.config.activation_memory_budget = args.memory_budget
-    for setting in filter(None, args.inductor.split(",")):
-        key, value = setting.split("=")
-        import torch._inductor.config as inductor_config
-        target = inductor_config
-        *path, name = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        if not hasattr(target, name):
-            raise SystemExit(f"--inductor: torch._inductor.config has no {key}")
-        setattr(target, name, type(getattr(target, name))(int(value) if value.isdigit() else value))
+    set_inductor(args.inductor)
     setup_cuda()
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
