@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import checkpoint, normalization, zero_module
+from ldm.modules.diffusionmodules.util import autocast_dtype, checkpoint, normalization, zero_module
 
 
 class CrossAttention(nn.Module):
@@ -83,6 +83,18 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that under autocast runs in the input's bf16/fp16 (statistics in float32
+    inside torch's kernel) instead of autocast's float32 round trip (`autocast_dtype`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = autocast_dtype(x)
+        if dtype == torch.float32:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention on the context, feed-forward."""
 
@@ -93,9 +105,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
                                     dropout=dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
 # Both names mean the same exact attention, computed by scaled_dot_product_attention
 # (SD 2.x YAMLs say "vanilla-xformers"; the parameters are identical).
 ATTN_TYPES = ("vanilla", "vanilla-xformers")
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, as in every SD autoencoder."""
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+    """GroupNorm with 32 groups, as in every SD autoencoder; under autocast it runs in the
+    activations' dtype (statistics in float32) like the UNet's (`GroupNorm32`)."""
+    return GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
