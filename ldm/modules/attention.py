@@ -62,7 +62,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "forward" in vars(self.proj):  # an adapter's patched forward (ldm.modules.adapters)
+        if _patched(self.proj):
             value, gate = self.proj(x).chunk(2, dim=-1)
         else:
             w_value, w_gate = self.proj.weight.chunk(2)  # [dim_out, dim_in] each
@@ -120,6 +120,28 @@ class BasicTransformerBlock(nn.Module):
         return x
 
 
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """proj_in/proj_out on tokens x [B, N, C_in] -> [B, N, C_out], contiguous.
+
+    SD 1.x's are 1x1 convolutions, run here as the products they are: the transformer's
+    tokens then stay contiguous, where the token view of an NCHW map ([B, C, N] in memory)
+    made every LayerNorm copy its input, forward and backward, and every residual branch its
+    gradient; cuDNN also transposed each NCHW map into and out of its 1x1 kernels. For SD 1.x
+    at batch 32 that was ~9 copies of a [32, 4096, 320] map per block at 64x64
+    (doc/PERFORMANCE.md). A convolution an adapter patched runs as a convolution.
+    """
+    if not isinstance(layer, nn.Conv2d):
+        return layer(x)
+    if _patched(layer):
+        return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # as a [B, C, N, 1] map
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+def _patched(layer: nn.Module) -> bool:
+    """Whether an adapter patched the layer's forward (ldm.modules.adapters)."""
+    return "forward" in vars(layer)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the H*W positions of a feature map, conditioned on `context`.
 
@@ -133,7 +155,6 @@ class SpatialTransformer(nn.Module):
                  use_checkpoint: bool = False):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.use_linear = use_linear
         self.norm = normalization(in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
@@ -149,17 +170,8 @@ class SpatialTransformer(nn.Module):
         # x: [B, C, H, W], context: [B, L, context_dim] -> [B, C, H, W]
         b, c, h, w = x.shape
         x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)  # [B, inner, H, W]
-        x = x.flatten(2).transpose(1, 2)  # [B, H*W, C|inner]
-        if self.use_linear:
-            x = self.proj_in(x)  # [B, H*W, inner]
+        x = project(self.proj_in, self.norm(x).flatten(2).transpose(1, 2))  # [B, H*W, inner], contiguous
         for block in self.transformer_blocks:
             x = block(x, context)
-        if self.use_linear:
-            x = self.proj_out(x)  # [B, H*W, C]
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        if not self.use_linear:
-            x = self.proj_out(x)  # [B, C, H, W]
-        return x + x_in
+        x = project(self.proj_out, x)  # [B, H*W, C]
+        return x_in + x.transpose(1, 2).reshape(b, c, h, w)  # in x_in's memory format

@@ -37,7 +37,10 @@ def test_channels_last_gives_the_plain_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(plain.model.named_parameters(), nhwc.model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
-        assert b.grad.stride() == b.stride(), name  # the gradient follows its weight's layout
+        # the gradient follows its weight's memory layout (a size-1 dim's stride says nothing:
+        # 1x1 kernels, which run as products, get (I, 1, 1, 1) for (I, 1, I, I), the same memory)
+        assert [s for s, n in zip(b.grad.stride(), b.shape) if n > 1] == \
+            [s for s, n in zip(b.stride(), b.shape) if n > 1], name
     assert nhwc.state_dict().keys() == plain.state_dict().keys()
 
 
