@@ -141,6 +141,17 @@ def test_cuda_graphs_cover_the_unet_blocks_only(monkeypatch):
     assert {modes[id(b)] for b in others} == {None}  # their no-grad calls would end a graph tree's step
 
 
+def test_the_whole_unet_as_cuda_graphs_for_the_bench(monkeypatch):
+    """bench/train_step.py --cudagraphs --whole_unet: one graph for the UNet, recorded."""
+    modes = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.__setitem__(id(self), kw["mode"]))
+    model = tiny(False)
+    line = compile_model(model, cudagraphs=True, whole_unet=True)
+    assert "the UNet as one graph (as CUDA graphs)" in line
+    assert modes[id(model.model.diffusion_model)] == "reduce-overhead"
+    assert not any(id(b) in modes for b in unet_blocks(model.model.diffusion_model))
+
+
 def test_cuda_graphs_mark_each_training_step_and_evaluate_uncompiled(monkeypatch):
     """Each training step tells the graph trees a new step begins; validation runs with the
     compiled code set aside (force_eager), training does not."""
@@ -195,3 +206,56 @@ def test_the_whole_compiled_unet_gives_the_plain_loss_and_gradients():
                 b.copy_(a)
     assert "the UNet as one graph" in compile_model(compiled, backend="aot_eager", whole_unet=True)
     assert_same_step(compiled, plain)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"activation_memory_budget": "yes"}, r"activation_memory_budget: expected a number in \(0, 1\], got 'yes'"),
+    ({"activation_memory_budget": 0, "compile": True}, r"expected a number in \(0, 1\], got 0"),
+    ({"activation_memory_budget": 1.5, "compile": True}, r"expected a number in \(0, 1\], got 1.5"),
+    ({"activation_memory_budget": 0.5}, "activation_memory_budget: below 1 needs model.params.compile"),
+])
+def test_bad_memory_budgets_are_named(params, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(False, **params)
+
+
+def test_the_memory_budget_reaches_the_partitioner_at_setup_and_resets():
+    config = torch._functorch.config
+    try:
+        model = tiny(False, compile=True, activation_memory_budget=0.5)
+        model.setup("fit")
+        assert config.activation_memory_budget == 0.5
+        tiny(False, compile=True).setup("fit")  # a later run in the process gets the default back
+        assert config.activation_memory_budget == 1.0
+    finally:
+        config.activation_memory_budget = 1.0
+
+
+@pytest.mark.slow  # ~20 s: the tiny UNet traced twice
+def test_a_memory_budget_below_1_recomputes_and_gives_the_plain_loss_and_gradients():
+    """The partitioner that honours the budget (inductor's) with eager kernels: the backward
+    recomputes, the step is the plain one's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved = []
+
+    def forward_compiler(gm, example_inputs):  # the forward graph's outputs: its result and what it saves
+        saved.append(sum(n.meta["val"].numel() for n in gm.graph.find_nodes(op="output")[0].args[0]
+                         if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)))
+        return make_boxed_func(gm)
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm),
+                           partition_fn=min_cut_rematerialization_partition)
+    elements = []
+    try:
+        for budget in (1.0, 0.1):
+            torch._dynamo.reset()
+            plain, compiled = tiny(lora=False), tiny(lora=False)
+            compile_model(compiled, backend=backend, whole_unet=True, activation_memory_budget=budget)
+            saved.clear()
+            assert_same_step(compiled, plain)
+            elements.append(sum(saved))
+    finally:
+        torch._functorch.config.activation_memory_budget = 1.0
+    assert elements[1] < 0.9 * elements[0], elements  # fewer activations kept for the backward

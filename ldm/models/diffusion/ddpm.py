@@ -36,8 +36,8 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, compile_model,
-                                          whole_unet_pays)
+from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
+                                          compile_model, whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
@@ -80,6 +80,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         network: Mapping[str, Any] | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        activation_memory_budget: float = 1.0,
         unet_precision: str = "fp32",
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
@@ -160,6 +161,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             raise ValueError(f"model.params.compile: expected true, false or reduce-overhead, got {compile!r}")
         self.compile_blocks = bool(compile)
         self.cudagraphs = compile == "reduce-overhead"
+        self.memory_budget = check_memory_budget(activation_memory_budget, self.compile_blocks)
         self.unet_dtype = unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
         self.channels_last = check_channels_last(channels_last, self.optimizer_config.name)
         self._compiled = False
@@ -301,7 +303,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         if self.compile_blocks and not self._compiled:  # after the adapters patch the layers
             checkpointing = any(getattr(m, "use_checkpoint", False) for m in self.model.modules())
             whole = whole_unet_pays(self.cudagraphs, self.optimizer_config.fused_backward, checkpointing)
-            rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs, whole_unet=whole))
+            rank_zero_info(compile_model(self, cudagraphs=self.cudagraphs, whole_unet=whole,
+                                         activation_memory_budget=self.memory_budget))
             self._compiled = True
 
     def _use_config_schedule(self) -> None:
