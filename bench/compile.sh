@@ -36,3 +36,5 @@ row diffusers32cl  300 bench/train_step.py --impl diffusers --batch 32 --compile
 row full32clb  300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --compile_blocks
 row full32clck 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor combo_kernels=1
 row full32clmb 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --memory_budget 0.9
+row full32clmb99 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --memory_budget 0.99
+row full32clcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --cudagraphs --whole_unet

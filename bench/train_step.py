@@ -13,6 +13,7 @@
     python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
     python bench/train_step.py --impl ours|diffusers --batch 32 [--compile] --channels_last   # NHWC convolutions
     python bench/train_step.py --impl ours --batch 32 --compile --compile_blocks   # blocks, not the whole UNet
+    python bench/train_step.py --impl ours --batch 32 --compile --cudagraphs --whole_unet   # the UNet as one CUDA graph
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
@@ -71,7 +72,8 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     def compile_all():  # what model.params.compile: true (or reduce-overhead, --cudagraphs) does
         if args.pack_mib:
             low_memory.PACK_BYTES = int(args.pack_mib * 2**20)
-        whole = whole_unet_pays(args.cudagraphs, args.low_memory, args.ckpt) and not args.compile_blocks
+        whole = args.whole_unet or (whole_unet_pays(args.cudagraphs, args.low_memory, args.ckpt)
+                                    and not args.compile_blocks)
         compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole)
         compile_updates(step.optimizer)
     if args.cudagraphs:  # as LatentDiffusion.training_step: each step starts a new replay
@@ -173,6 +175,9 @@ def main() -> None:
                                                    "MiB per tensor instead of low_memory.PACK_BYTES")
     p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
     p.add_argument("--channels_last", action="store_true", help="the UNet's (and VAE's) 4-D weights in NHWC layout")
+    p.add_argument("--whole_unet", action="store_true",
+                   help="ours, with --compile: the UNet as one graph even where the trainer compiles its blocks "
+                        "(with --cudagraphs: one CUDA graph each way)")
     p.add_argument("--compile_blocks", action="store_true",
                    help="ours, with --compile: the UNet's blocks as separate graphs where main.py compiles it whole")
     p.add_argument("--inductor", default="", help="comma-separated torch._inductor.config settings for --compile, "
