@@ -128,7 +128,8 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     made every LayerNorm copy its input, forward and backward, and every residual branch its
     gradient; cuDNN also transposed each NCHW map into and out of its 1x1 kernels. For SD 1.x
     at batch 32 that was ~9 copies of a [32, 4096, 320] map per block at 64x64
-    (doc/PERFORMANCE.md). A convolution an adapter patched runs as a convolution.
+    (doc/PERFORMANCE.md). A convolution an adapter patched runs as a convolution (its tokens
+    then keep the map's layout).
     """
     if not isinstance(layer, nn.Conv2d):
         return layer(x)
