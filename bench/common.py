@@ -183,9 +183,9 @@ def print_kernel_kinds(prof, steps: int, top: int = 12) -> None:
 
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     fused: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():  # kernels only: not the CPU ops, nor the annotated ranges (Optimizer.step#...)
-        if e.device_type != DeviceType.CUDA or e.is_user_annotation:
-            continue
+    # kernels only: not the CPU ops, nor the annotated ranges (Optimizer.step#...)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    for e in kernels:
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, e.name, re.I)), "other")
         for table, key in ((kinds, kind), (fused, e.name if kind == "fused (triton)" else None)):
             if key is not None:
@@ -198,6 +198,24 @@ def print_kernel_kinds(prof, steps: int, top: int = 12) -> None:
         for name, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
             print(f"{us / 1000 / steps:8.2f} ms/step {us / total:6.1%} {n / steps:6.0f} kernels/step  {name}",
                   flush=True)
+    print_gaps(kernels, steps)
+
+
+def print_gaps(kernels: list, steps: int, top: int = 10) -> None:
+    """The GPU's idle time per step between the first kernel and the last (the time no kernel
+    runs), and the longest idle gaps with the kernels on either side: where the host fell behind."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    gaps, end, before = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, before, name))
+        if stop > end:
+            end, before = stop, name
+    idle = sum(g for g, _, _ in gaps)
+    print(f"== GPU idle per step: {idle / 1000 / steps:.2f} ms of {(end - spans[0][0]) / 1000 / steps:.1f} ms "
+          f"({len(gaps) / steps:.0f} gaps per step); the longest:", flush=True)
+    for gap, after, next_ in sorted(gaps, reverse=True)[:top]:
+        print(f"{gap / 1000:8.3f} ms  after {after[:70]}  before {next_[:70]}", flush=True)
 
 
 def profile_ops(step: Callable[[], None], names: list[str], steps: int = 2, rows: int = 15) -> None:

@@ -38,3 +38,5 @@ row full32clck 300 bench/train_step.py --impl ours --batch 32 --compile --channe
 row full32clmb 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --memory_budget 0.9
 row full32clmb99 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --memory_budget 0.99
 row full32clcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --cudagraphs --whole_unet
+row full32clnt 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --no_text_cache
+row full32clmag 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor max_autotune_gemm=1

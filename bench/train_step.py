@@ -15,11 +15,13 @@
     python bench/train_step.py --impl ours --batch 32 --compile --compile_blocks   # blocks, not the whole UNet
     python bench/train_step.py --impl ours --batch 32 --compile --cudagraphs --whole_unet   # the UNet as one CUDA graph
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
+    python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
 AdamW. Ours is LatentDiffusion.shared_step of configs/stable-diffusion/v1-finetune_everydream.yaml
-(the frozen CLIP text encoder runs on the tokens every step); the diffusers baseline gets random
+(the frozen CLIP text encoder's outputs kept after the first step, as main.py keeps them per
+caption; `--no_text_cache` runs it every step); the diffusers baseline gets random
 text embeddings, as in the research anchors. One JSON line per call: img/s, ms/step, peak GiB,
 FLOPs per image (FlopCounterMode on one step) and MFU against the bf16 matmul rate measured
 on this GPU in the same process. Run each configuration in its own process
@@ -65,6 +67,8 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
         for part in (model.model, model.first_stage_model):
             part.to(memory_format=torch.channels_last)
+    if args.no_text_cache:  # the frozen text encoder runs every step (cache_text_encoder_outputs: false)
+        model.text_cache = None
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
     if args.plan:
         step = bucket_steps(step, batch, args.plan, args.batch)
@@ -184,6 +188,8 @@ def main() -> None:
                                                   "e.g. conv_1x1_as_mm=1,force_layout_optimization=1")
     p.add_argument("--memory_budget", type=float, help="with --compile: torch._functorch.config."
                                                           "activation_memory_budget (recompute to save memory)")
+    p.add_argument("--no_text_cache", action="store_true",
+                   help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
     args = p.parse_args()
     if args.memory_budget is not None:
         torch._functorch.config.activation_memory_budget = args.memory_budget
@@ -213,6 +219,7 @@ def main() -> None:
                         compile=args.compile, encode=args.encode, low_memory=args.low_memory,
                         text_encoder=args.text_encoder, channels_last=args.channels_last,
                         **({"compile_blocks": True} if args.compile_blocks else {}),
+                        **({"text_cache": False} if args.no_text_cache else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))

@@ -36,6 +36,7 @@ from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.output_cache import text_encoder_output_cache
 from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
                                           compile_model, whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
@@ -82,6 +83,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         channels_last: bool = False,
         activation_memory_budget: float = 1.0,
         unet_precision: str = "fp32",
+        cache_text_encoder_outputs: bool | None = None,
         # The objective's options (ldm.models.diffusion.losses; kohya sd-scripts' definitions).
         noise_offset: float = 0.0,
         noise_offset_random_strength: bool = False,
@@ -170,6 +172,9 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             self._add_network(NetworkConfig.from_mapping(network))
         if self.cudagraphs:
             check_cudagraphs(self.network_config is not None, unet_config, self.optimizer_config.fused_backward)
+        text_encoder_trains = cond_stage_trainable or (
+            self.network_config is not None and "text_encoder" in self.network_config.targets)
+        self.text_cache = text_encoder_output_cache(cache_text_encoder_outputs, text_encoder_trains)
 
     def _add_network(self, cfg: NetworkConfig) -> None:
         """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
@@ -218,9 +223,17 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         return self.cond_stage_model(list(cond))
 
     def batch_conditioning(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """A batch's context [B,77,D]: from its token ids (on_before_batch_transfer made them),
-        else from its captions (a batch that did not come through Lightning)."""
-        return self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+        """A batch's context [B,77,D]: in training, from the kept outputs when the text encoder
+        is frozen and has seen every caption (`text_cache`); else from its token ids
+        (on_before_batch_transfer made them), else from its captions (a batch that did not come
+        through Lightning)."""
+        cache = self.text_cache if self.training and "caption" in batch else None
+        context = cache.lookup(batch["caption"]) if cache is not None else None
+        if context is None:
+            context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
+            if cache is not None:
+                cache.store(batch["caption"], context)
+        return context
 
     # ---- diffusion ----------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -343,6 +356,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         device (from pinned memory, without waiting). Tokenizing in the step would copy the ids
         from pageable memory, which waits for all the GPU's queued work, once per step."""
         if isinstance(batch, Mapping) and "caption" in batch and "tokens" not in batch:
+            if self.training and self.text_cache is not None and self.text_cache.has_all(batch["caption"]):
+                return batch  # the step takes its context from the cache
             tokens = self.cond_stage_model.tokenize(list(batch["caption"]))
             batch = {**batch, "tokens": tokens.pin_memory() if self.device.type == "cuda" else tokens}
         return batch
