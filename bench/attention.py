@@ -40,6 +40,11 @@ def time_attention(batch: int, n: int, m: int, d: int, backend, reps: int = 10) 
     def once():
         with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
             F.scaled_dot_product_attention(q, k, v).backward(grad)
+    return time_ms(once, reps)
+
+
+def time_ms(once, reps: int) -> float:
+    """ms per call of `once` after 3 calls of warm-up."""
     for _ in range(3):
         once()
     torch.cuda.synchronize()
@@ -65,14 +70,7 @@ def time_padded(batch: int, n: int, m: int, d: int, width: int, with_pad: bool, 
             args = [F.pad(t, (0, width - d)) for t in (q, k, v)] if with_pad else padded
         out = F.scaled_dot_product_attention(*args, scale=d ** -0.5)[..., :d]
         out.backward(grad)
-    for _ in range(3):
-        once()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        once()
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0) / reps
+    return time_ms(once, reps)
 
 
 def pad_rows(batch: int) -> None:
