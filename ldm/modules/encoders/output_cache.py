@@ -11,7 +11,7 @@ step runs under autocast. Every consumer of c is a product (the cross-attentions
 to_v, and adapters on them) that autocast would cast to that dtype anyway, so a cached step
 computes what an uncached one does (tests/modules/test_output_cache.py).
 
-Memory: SD 1.x's c is 77 x 768 values, 118 KiB per caption in bf16 (SD 2.x: 154 KiB). Rows are
+Memory: SD 1.x's c is 77 x 768 values, 116 KiB per caption in bf16 (SD 2.x: 154 KiB). Rows are
 kept until `max_bytes` (256 MiB: ~2,200 SD 1.x captions in bf16) is reached; captions seen
 after that are encoded every step, as without the cache. Nothing is written to disk: the
 cache lives as long as the run's process (a resumed run fills it again).
