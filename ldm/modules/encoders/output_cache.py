@@ -4,7 +4,8 @@ A frozen text encoder maps a caption to the same context c [L, D] every time it 
 a training step runs it on every batch. The cache keeps c per caption string the first time a
 batch brings it and builds later batches from the kept rows: one stacking kernel, no
 tokenizing, no encoder. A compiled SD 1.x step at batch 32 on an H200 ran 1.005-1.016x faster
-with it (doc/PERFORMANCE.md); smaller batches, whose steps are shorter, gain more of their time.
+with it (doc/PERFORMANCE.md). Smaller batches should gain a larger share, as the encoder's
+kernel launches cost the host the same at any batch; that is not measured.
 
 Values: a row is the encoder's output for that caption, cast to autocast's dtype when the
 step runs under autocast. Every consumer of c is a product (the cross-attentions' to_k and
