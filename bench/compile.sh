@@ -41,3 +41,5 @@ row full32clcgw 300 bench/train_step.py --impl ours --batch 32 --compile --chann
 row full32clnt 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --no_text_cache
 row full32clmag 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor max_autotune_gemm=1
 row full32clbf 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16
+row full32clsr 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr
+row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update

@@ -17,6 +17,8 @@
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
+    python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
+    python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update  # no fused kernel
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -67,6 +69,13 @@ def ours(args: argparse.Namespace, with_model: bool = False):
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
     if args.unet_bf16:  # a probe: the UNet's weights, gradients and AdamW moments in bf16, no casts in the step
         model.model.to(torch.bfloat16)
+    if args.bf16_sr:  # unet_precision: bf16 (frozen VAE and text encoder too) and adamw_bf16, stepped after the backward
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(torch.bfloat16)
+        optimizer = {"name": "adamw_bf16"}
+    if args.old_update:  # adamw_bf16 without its fused kernel: packs and chunks, or compiled packs
+        from ldm.optim import triton_adamw
+        triton_adamw.qualifies = lambda tensors: False
     if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
         for part in (model.model, model.first_stage_model):
             part.to(memory_format=torch.channels_last)
@@ -191,6 +200,9 @@ def main() -> None:
                                                   "e.g. conv_1x1_as_mm=1,force_layout_optimization=1")
     p.add_argument("--memory_budget", type=float, help="with --compile: torch._functorch.config."
                                                           "activation_memory_budget (recompute to save memory)")
+    p.add_argument("--bf16_sr", action="store_true", help="ours: unet_precision bf16 with adamw_bf16 (stochastic "
+                                                          "rounding), without fused_backward")
+    p.add_argument("--old_update", action="store_true", help="ours: adamw_bf16 without the fused Triton kernel")
     p.add_argument("--unet_bf16", action="store_true",
                    help="ours: the UNet stored in bf16 under plain fused AdamW (rounds away small updates: a probe "
                         "of what the step's weight casts and fp32 gradients cost, not a training setting)")
@@ -227,6 +239,8 @@ def main() -> None:
                         **({"compile_blocks": True} if args.compile_blocks else {}),
                         **({"text_cache": False} if args.no_text_cache else {}),
                         **({"unet_bf16": True} if args.unet_bf16 else {}),
+                        **({"bf16_sr": True} if args.bf16_sr else {}),
+                        **({"old_update": True} if args.old_update else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))

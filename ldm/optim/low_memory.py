@@ -8,8 +8,9 @@ on weights of ~1e-2) are below half a bf16 step (2^-9 relative) and vanish. 2 + 
 parameter instead of fp32 AdamW's 4 + 8, gradients 2 instead of 4. For fp32 parameters it is
 plain AdamW.
 
-Weights smaller than CHUNK elements are updated in packs, concatenated: per-weight updates
-of ~25 kernels each made the batch-1 step wait on the host (doc/PERFORMANCE.md). With
+On a GPU with Triton, one kernel updates every weight of a step (ldm/optim/triton_adamw.py).
+Elsewhere, weights smaller than CHUNK elements are updated in packs, concatenated: per-weight
+updates of ~25 kernels each made the batch-1 step wait on the host (doc/PERFORMANCE.md). With
 `model.params.compile: true` each update runs as one compiled kernel (`compile_updates`),
 which has no fp32 temporaries, so packs (and the backward pass's buckets) grow to PACK_BYTES
 per tensor: each compiled call costs the host ~0.3 ms, more than its kernel takes the GPU;
@@ -31,10 +32,13 @@ never a full gradient to measure), no gradient accumulation, and no fp16 loss sc
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable
 
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+from ldm.optim import triton_adamw
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -152,12 +156,19 @@ def compile_updates(optimizer: torch.optim.Optimizer) -> int:
 
 
 class AdamWBF16(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter) with fp32 arithmetic on state kept in the parameter's dtype."""
+    """AdamW (Loshchilov & Hutter) with fp32 arithmetic on state kept in the parameter's dtype.
+    On a GPU with Triton one kernel updates all weights of a step count (triton_adamw);
+    otherwise each large weight in chunks, or compiled, and small ones in packs."""
+
+    _instances = itertools.count()
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.compiled = False  # compile_updates
+        # The fused kernel's roundings: seeds of its own (the global generator's draws stay as they
+        # were), another sequence per optimizer (fused_backward makes one per bucket).
+        self._seeds = torch.Generator().manual_seed(torch.initial_seed() + next(AdamWBF16._instances))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -169,20 +180,26 @@ class AdamWBF16(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             small: dict[tuple, list[torch.Tensor]] = {}  # packed by (step, dtype, device)
+            fused: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}  # one kernel per (step, dtype, device)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype
+                    state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype and memory format
                     state["exp_avg_sq"] = torch.zeros_like(p)    # v
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if size(p) < limit and all(x.is_contiguous() for x in tensors):
+                if triton_adamw.qualifies(tensors):
+                    fused.setdefault((state["step"], p.dtype, p.device), []).append(tensors)
+                elif size(p) < limit and all(x.is_contiguous() for x in tensors):
                     small.setdefault((state["step"], p.dtype, p.device), []).append(p)
                 else:
                     self._update(tensors, lr, b1, b2, eps, wd, state["step"])
+            for (t, _, _), weights in fused.items():
+                seed = int(torch.randint(0, 1 << 62, (), generator=self._seeds))
+                triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=seed)
             for (t, _, _), params in small.items():
                 for pack in _packs(params, limit, size):
                     self._update_pack(pack, lr, b1, b2, eps, wd, t)
@@ -333,13 +350,14 @@ def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
 
 
 def check_channels_last(channels_last: Any, optimizer: str) -> bool:
-    """`model.params.channels_last`, checked against the optimizer: adamw_bf16 packs and chunks
-    flat views of contiguous weights, so NHWC weights would each take the slow whole-tensor
-    path, with fp32 temporaries that break the low-memory peaks."""
+    """`model.params.channels_last`, checked against the optimizer: without Triton, adamw_bf16
+    packs and chunks flat views of contiguous weights, so NHWC weights would each take the slow
+    whole-tensor path, with fp32 temporaries that break the low-memory peaks (its fused kernel
+    takes either layout)."""
     key = "model.params.channels_last"
     if not isinstance(channels_last, bool):
         raise ValueError(f"{key}: expected true or false, got {channels_last!r}")
-    if channels_last and optimizer == "adamw_bf16":
-        raise ValueError(f"{key}: not with optimizer.name: adamw_bf16 (its packed updates need contiguous "
-                         f"weights); set channels_last: false")
+    if channels_last and optimizer == "adamw_bf16" and triton_adamw.triton is None:
+        raise ValueError(f"{key}: with optimizer.name: adamw_bf16 it needs Triton, which this torch install lacks "
+                         f"(without it the packed updates need contiguous weights); set channels_last: false")
     return channels_last
