@@ -84,11 +84,9 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
         m = m + one_minus_b1 * (g - m)
         v = b2 * v + one_minus_b2 * g * g
-        if DTYPE == tl.bfloat16:  # fast division and square root: their ~2 ulp of fp32 vanish in the rounding
-            w = w * decay - step_size * (m / (tl.sqrt(v / bc2) + eps))
-        else:  # correctly rounded, as torch's AdamW
-            w = w * decay - step_size * tl.div_rn(m, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
         if DTYPE == tl.bfloat16:
+            # fast division and square root: their ~2 ulp of fp32 vanish in the rounding
+            w = w * decay - step_size * (m / (tl.sqrt(v / bc2) + eps))
             # 48 random bits per element: one Philox call (128 bits) per two elements, 7 rounds,
             # the fewest that pass TestU01's BigCrush (Salmon et al., SC 2011). Triton's default of
             # 10 adds a margin a rounding's coin flip does not need; with it, one call per element,
@@ -97,7 +95,8 @@ if triton is not None:
             tl.store(w_ptr + offs, _round_bf16(w, _bits16(r0)), mask=mask)
             tl.store(m_ptr + offs, _round_bf16(m, _bits16(r1)), mask=mask)
             tl.store(v_ptr + offs, _round_bf16(v, _bits16(r2)), mask=mask)
-        else:
+        else:  # correctly rounded division and square root, as torch's AdamW
+            w = w * decay - step_size * tl.div_rn(m, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
             tl.store(w_ptr + offs, w, mask=mask)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
