@@ -14,6 +14,7 @@ and with the kernel (one launch), on bf16 weights, and the kernel on fp32 weight
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -110,7 +111,6 @@ def time_path(name: str, make, dtype: torch.dtype, bytes_per_param: int, reps: i
 
 
 def main() -> None:
-    import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip_old", action="store_true", help="leave out adamw_bf16's eager and compiled paths")
     p.add_argument("--blocks", type=int, nargs="*", default=[], help="time bf16 updates with these blocks too")
