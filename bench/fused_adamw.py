@@ -1,7 +1,7 @@
 """adamw_bf16's fused Triton update (ldm/optim/triton_adamw.py) on the GPU: is it right, and how
 fast is one optimizer step over the SD 1.x UNet's 686 weights, against the other update paths?
 
-    python bench/fused_adamw.py [--skip_old] [--blocks 1024 4096]   # a JSON line per check and update path
+    python bench/fused_adamw.py [--skip_old] [--blocks 1024 4096] [--chunks 1 4 16]   # a JSON line per check and path
 
 Checks: on fp32 weights the kernel is AdamW (against torch's fused AdamW, 3 steps); on bf16
 weights each weight, m and v lands on one of the two bf16 neighbours of the fp32 result, up as
@@ -114,6 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip_old", action="store_true", help="leave out adamw_bf16's eager and compiled paths")
     p.add_argument("--blocks", type=int, nargs="*", default=[], help="time bf16 updates with these blocks too")
+    p.add_argument("--chunks", type=int, nargs="*", default=[],
+                   help="time bf16 updates with programs of these many blocks too (the shipped block)")
     args = p.parse_args()
     check_fp32()
     check_bf16()
@@ -138,12 +140,16 @@ def main() -> None:
     if not args.skip_old:
         time_path("adamw_bf16 eager: packs and chunks", old(False), torch.bfloat16, 14)
         time_path("adamw_bf16 compiled: a call per weight or pack", old(True), torch.bfloat16, 14)
-    shipped = triton_adamw.BLOCK
-    for block in sorted({shipped, *args.blocks}):
-        triton_adamw.BLOCK = block
-        time_path(f"adamw_bf16, the kernel, bf16 weights, blocks of {block}", kernel, torch.bfloat16, 14)
-    triton_adamw.BLOCK = shipped
-    time_path(f"adamw_bf16, the kernel, fp32 weights, blocks of {shipped}", kernel, torch.float32, 28)
+    shipped = triton_adamw.BLOCK, triton_adamw.CHUNK
+    sizes = {shipped} | {(b, shipped[1] // shipped[0] * b) for b in args.blocks} | {(shipped[0], c * shipped[0])
+                                                                                  for c in args.chunks}
+    for block, chunk in sorted(sizes):
+        triton_adamw.BLOCK, triton_adamw.CHUNK = block, chunk
+        time_path(f"adamw_bf16, the kernel, bf16 weights, blocks of {block}, programs of {chunk}", kernel,
+                  torch.bfloat16, 14)
+    triton_adamw.BLOCK, triton_adamw.CHUNK = shipped
+    time_path(f"adamw_bf16, the kernel, fp32 weights, blocks of {shipped[0]}, programs of {shipped[1]}", kernel,
+              torch.float32, 28)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Without it, `adamw_bf16` updates each weight, or each pack of small weights conc
 with ~25 eager kernels per chunk or one compiled call, and the host's cost of issuing those
 bounded the small-batch steps (doc/PERFORMANCE.md, the 6 GiB and 12 GiB targets). Here one
 launch updates every weight of a call: the weights' addresses go in a table, the GPU runs
-one program per block of BLOCK elements, and each program finds its weight in a block map.
+one program per chunk of up to CHUNK elements of a weight, which it finds in a block map, and
+each program loops over its chunk BLOCK elements at a time.
 
 The arithmetic is `low_memory.adamw_update_`'s, in fp32:
 
@@ -32,7 +33,9 @@ try:
 except ImportError:  # torch builds without Triton (CPU-only wheels): the other update paths run
     triton = None
 
-BLOCK = 512  # elements per program, 8 warps: on an H200 (bf16) 1.09x faster than 1024, 1.26x than 256, 1.56x than 2048
+BLOCK = 512  # elements per loop step, 8 warps: on an H200 (bf16, a block per program) 1.09x faster than 1024,
+#               1.26x than 256, 1.56x than 2048
+CHUNK = 16 * BLOCK  # elements per program (a weight's last chunk is shorter): 1.08x faster than one block
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # weight, gradient, m, v
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -69,46 +72,51 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamw_kernel(table, numels, block_weight, block_start, step_size, decay, one_minus_b1, b2, one_minus_b2,
-                      eps, bc2, seed, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                      eps, bc2, seed, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         pid = tl.program_id(0)
-        i = tl.load(block_weight + pid)                    # the weight this block belongs to
-        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numels + i)
-        w_ptr = tl.load(table + 4 * i).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(table + 4 * i + 1).to(tl.pointer_type(DTYPE))
-        m_ptr = tl.load(table + 4 * i + 2).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(table + 4 * i + 3).to(tl.pointer_type(DTYPE))
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-        m = m + one_minus_b1 * (g - m)
-        v = b2 * v + one_minus_b2 * g * g
-        if DTYPE == tl.bfloat16:
-            # fast division and square root: their ~2 ulp of fp32 vanish in the rounding
-            w = w * decay - step_size * (m / (tl.sqrt(v / bc2) + eps))
-            # 48 random bits per element: one Philox call (128 bits) per two elements, 7 rounds,
-            # the fewest that pass TestU01's BigCrush (Salmon et al., SC 2011). Triton's default of
-            # 10 adds a margin a rounding's coin flip does not need; with it, one call per element,
-            # the update was bound by the arithmetic (doc/PERFORMANCE.md).
-            r0, r1, r2, _ = tl.randint4x(seed + pid, tl.arange(0, BLOCK // 2), n_rounds=7)
-            tl.store(w_ptr + offs, _round_bf16(w, _bits16(r0)), mask=mask)
-            tl.store(m_ptr + offs, _round_bf16(m, _bits16(r1)), mask=mask)
-            tl.store(v_ptr + offs, _round_bf16(v, _bits16(r2)), mask=mask)
-        else:  # correctly rounded division and square root, as torch's AdamW
-            w = w * decay - step_size * tl.div_rn(m, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
-            tl.store(w_ptr + offs, w, mask=mask)
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
+        i = tl.load(block_weight + pid)                    # the weight this chunk belongs to
+        start = tl.load(block_start + pid)                 # its first element
+        n = tl.minimum(tl.load(numels + i) - start, CHUNK)  # and how many it has
+        w_ptr = tl.load(table + 4 * i).to(tl.pointer_type(DTYPE)) + start
+        g_ptr = tl.load(table + 4 * i + 1).to(tl.pointer_type(DTYPE)) + start
+        m_ptr = tl.load(table + 4 * i + 2).to(tl.pointer_type(DTYPE)) + start
+        v_ptr = tl.load(table + 4 * i + 3).to(tl.pointer_type(DTYPE)) + start
+        # the chain of loads above (map, table, tensors) is paid once per chunk, not per BLOCK
+        for j in range(0, n, BLOCK):
+            offs = j + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+            w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+            m = m + one_minus_b1 * (g - m)
+            v = b2 * v + one_minus_b2 * g * g
+            if DTYPE == tl.bfloat16:
+                # fast division and square root: their ~2 ulp of fp32 vanish in the rounding
+                w = w * decay - step_size * (m / (tl.sqrt(v / bc2) + eps))
+                # 48 random bits per element: one Philox call (128 bits) per two elements, 7 rounds,
+                # the fewest that pass TestU01's BigCrush (Salmon et al., SC 2011). Triton's default of
+                # 10 adds a margin a rounding's coin flip does not need; with it, one call per element,
+                # the update was bound by the arithmetic (doc/PERFORMANCE.md). Key: the chunk;
+                # counter: the pair's place in it.
+                r0, r1, r2, _ = tl.randint4x(seed + pid, j // 2 + tl.arange(0, BLOCK // 2), n_rounds=7)
+                tl.store(w_ptr + offs, _round_bf16(w, _bits16(r0)), mask=mask)
+                tl.store(m_ptr + offs, _round_bf16(m, _bits16(r1)), mask=mask)
+                tl.store(v_ptr + offs, _round_bf16(v, _bits16(r2)), mask=mask)
+            else:  # correctly rounded division and square root, as torch's AdamW
+                w = w * decay - step_size * tl.div_rn(m, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+                tl.store(w_ptr + offs, w, mask=mask)
+                tl.store(m_ptr + offs, m, mask=mask)
+                tl.store(v_ptr + offs, v, mask=mask)
 
 
 @functools.lru_cache(maxsize=1024)
-def _block_map(device: torch.device, numels: tuple[int, ...], block: int) -> tuple[torch.Tensor, ...]:
-    """numels on the device, and for each block of `block` elements its weight and first element.
+def _block_map(device: torch.device, numels: tuple[int, ...], chunk: int) -> tuple[torch.Tensor, ...]:
+    """numels on the device, and for each chunk of `chunk` elements its weight and first element.
     The same weights come to every step, so each call's map is built once."""
     weight, start = [], []
     for i, n in enumerate(numels):
-        first = range(0, n, block)
+        first = range(0, n, chunk)
         weight += [i] * len(first)
         start += first
     return tuple(torch.tensor(x, dtype=dtype).to(device) for x, dtype in
@@ -130,10 +138,10 @@ def adamw_(weights: list[Tensors], *, lr: float, b1: float, b2: float, eps: floa
     `seed` keys the stochastic rounding of bf16 values: draw a new one per launch."""
     seed = (1 << 32) + seed % (1 << 61)  # always an int64 argument: a seed that fit int32 would compile anew
     w0 = weights[0][0]
-    numels, block_weight, block_start = _block_map(w0.device, tuple(t[0].numel() for t in weights), BLOCK)
+    numels, block_weight, block_start = _block_map(w0.device, tuple(t[0].numel() for t in weights), CHUNK)
     table = _to_device([x.data_ptr() for t in weights for x in t], w0.device)
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
     _adamw_kernel[(len(block_weight),)](
         table, numels, block_weight, block_start, lr / bc1, 1 - lr * wd, 1 - b1, b2, 1 - b2, eps, bc2, seed,
-        DTYPE=tl.bfloat16 if w0.dtype == torch.bfloat16 else tl.float32, BLOCK=BLOCK, num_warps=8)
+        DTYPE=tl.bfloat16 if w0.dtype == torch.bfloat16 else tl.float32, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=8)
     torch.autograd.graph.increment_version([x for t in weights for x in (t[0], t[2], t[3])])  # written behind torch's back

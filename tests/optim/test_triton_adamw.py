@@ -107,3 +107,18 @@ def test_which_weights_qualify():
     h = torch.zeros(3, dtype=torch.float16)
     assert not triton_adamw.same_layout((h, h, h, h))
     assert not triton_adamw.qualifies((w, w, w, w))  # a CPU tensor: the other paths
+
+
+def test_every_block_of_a_launch_draws_its_own_random_bits(kernel):
+    """Equal weights with equal gradients, each result halfway between two bf16 numbers: each
+    element rounds up or down by its own bits. Blocks within a chunk and chunks of one weight
+    must not repeat one pattern (as a key or counter used twice would)."""
+    n = 3 * triton_adamw.CHUNK
+    w = torch.ones(n, dtype=torch.bfloat16)
+    grad, m, v = torch.ones_like(w), torch.zeros_like(w), torch.zeros_like(w)
+    # the first AdamW step moves each weight by lr: 1 - 2^-9, halfway between 1 - 2^-8 and 1
+    triton_adamw.adamw_([(w, grad, m, v)], lr=2**-9, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, step=1, seed=3)
+    assert set(w.float().unique().tolist()) == {1.0, 1.0 - 2**-8}
+    up = (w == 1).view(-1, triton_adamw.BLOCK)
+    assert 0.45 < up.float().mean().item() < 0.55
+    assert len({tuple(row.tolist()) for row in up}) == len(up)  # no two blocks alike
