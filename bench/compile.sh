@@ -42,4 +42,7 @@ row full32clnt 300 bench/train_step.py --impl ours --batch 32 --compile --channe
 row full32clmag 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor max_autotune_gemm=1
 row full32clbf 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16
 row full32clsr 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr
+row full32clsrcd 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --inductor coordinate_descent_tuning=1
+row full32clsrck 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --inductor combo_kernels=1
+row full32clsrcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --cudagraphs --whole_unet
 row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update

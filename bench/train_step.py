@@ -19,6 +19,7 @@
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update  # no fused kernel
+    python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2  # host probe
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -36,6 +37,7 @@ import argparse
 import itertools
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -92,6 +94,13 @@ def ours(args: argparse.Namespace, with_model: bool = False):
                                     and not args.compile_blocks)
         compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole)
         compile_updates(step.optimizer)
+    if args.host_delay_ms:  # a probe: is the host's time between two steps on the GPU's critical path?
+        plain = step
+
+        def step():
+            time.sleep(args.host_delay_ms / 1000)
+            return plain()
+        step.optimizer = plain.optimizer
     if args.cudagraphs:  # as LatentDiffusion.training_step: each step starts a new replay
         graphed = step
 
@@ -206,6 +215,9 @@ def main() -> None:
     p.add_argument("--unet_bf16", action="store_true",
                    help="ours: the UNet stored in bf16 under plain fused AdamW (rounds away small updates: a probe "
                         "of what the step's weight casts and fp32 gradients cost, not a training setting)")
+    p.add_argument("--host_delay_ms", type=float, default=0.0,
+                   help="ours: sleep this long at each step's start (a probe: does the host's time between the "
+                        "optimizer's launch and the next forward pass cost GPU time?)")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
     args = p.parse_args()
@@ -241,6 +253,8 @@ def main() -> None:
                         **({"unet_bf16": True} if args.unet_bf16 else {}),
                         **({"bf16_sr": True} if args.bf16_sr else {}),
                         **({"old_update": True} if args.old_update else {}),
+                        **({"host_delay_ms": args.host_delay_ms} if args.host_delay_ms else {}),
+                        **({"cudagraphs": True, "whole_unet": args.whole_unet} if args.cudagraphs else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))
