@@ -40,3 +40,6 @@ row full32clmb99 300 bench/train_step.py --impl ours --batch 32 --compile --chan
 row full32clcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --cudagraphs --whole_unet
 row full32clnt 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --no_text_cache
 row full32clmag 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --inductor max_autotune_gemm=1
+row full32clbf 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16
+row full32clms 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master
+row eager32ms  150 bench/train_step.py --impl ours --batch 32 --master

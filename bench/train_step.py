@@ -16,6 +16,8 @@
     python bench/train_step.py --impl ours --batch 32 --compile --cudagraphs --whole_unet   # the UNet as one CUDA graph
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
+    python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
+    python bench/train_step.py --impl ours --batch 32 [--compile --channels_last] --master   # fp32 master weights
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -43,6 +45,7 @@ from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tf
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
+from ldm.optim.master_weights import MasterWeights  # noqa: E402
 
 
 def ours(args: argparse.Namespace, with_model: bool = False):
@@ -64,12 +67,22 @@ def ours(args: argparse.Namespace, with_model: bool = False):
         batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
     else:
         batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
+    if args.unet_bf16:  # a probe: the UNet's weights, gradients and AdamW moments in bf16, no casts in the step
+        model.model.to(torch.bfloat16)
+    masters = None
+    if args.master:  # unet_precision: bf16 + optimizer.name: adamw_master, as LatentDiffusion.setup does it
+        masters = MasterWeights(model.model)
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(torch.bfloat16)
+        optimizer = {"name": "adamw_master"}
     if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
         for part in (model.model, model.first_stage_model):
             part.to(memory_format=torch.channels_last)
     if args.no_text_cache:  # the frozen text encoder runs every step (cache_text_encoder_outputs: false)
         model.text_cache = None
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
+    if masters is not None:
+        step.optimizer.use(masters)
     if args.plan:
         step = bucket_steps(step, batch, args.plan, args.batch)
 
@@ -188,6 +201,11 @@ def main() -> None:
                                                   "e.g. conv_1x1_as_mm=1,force_layout_optimization=1")
     p.add_argument("--memory_budget", type=float, help="with --compile: torch._functorch.config."
                                                           "activation_memory_budget (recompute to save memory)")
+    p.add_argument("--unet_bf16", action="store_true",
+                   help="ours: the UNet stored in bf16 under plain fused AdamW (rounds away small updates: a probe "
+                        "of what the step's weight casts and fp32 gradients cost, not a training setting)")
+    p.add_argument("--master", action="store_true",
+                   help="ours: bf16 UNet weights with fp32 masters (unet_precision: bf16, optimizer.name: adamw_master)")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
     args = p.parse_args()
@@ -220,6 +238,8 @@ def main() -> None:
                         text_encoder=args.text_encoder, channels_last=args.channels_last,
                         **({"compile_blocks": True} if args.compile_blocks else {}),
                         **({"text_cache": False} if args.no_text_cache else {}),
+                        **({"unet_bf16": True} if args.unet_bf16 else {}),
+                        **({"master": True} if args.master else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))

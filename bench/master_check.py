@@ -1,0 +1,54 @@
+"""adamw_master on the GPU: do the fused eager step and the compiled per-weight and packed
+updates follow torch's fused fp32 AdamW given the same gradients? (The CPU tests check the
+same on the CPU: tests/optim/test_master_weights.py.)
+
+    python bench/master_check.py
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from torch import nn
+
+import common  # noqa: F401 (puts the repository on sys.path)
+from ldm.optim import master_weights
+from ldm.optim.master_weights import AdamWMaster, MasterWeights
+
+
+def check(compiled: bool, channels_last: bool, steps: int = 20) -> dict:
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(64, 320, 3), nn.GroupNorm(32, 320), nn.Flatten(), nn.Linear(320 * 6 * 6, 640)).cuda()
+    half = copy.deepcopy(ref)
+    if channels_last:
+        half.to(memory_format=torch.channels_last)
+    masters = MasterWeights(half)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    opt = AdamWMaster(half.parameters(), lr=1e-3, weight_decay=0.01)
+    opt.use(masters)
+    opt.compiled = compiled
+    for step in range(steps):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        for a, p in zip(ref.parameters(), half.parameters()):
+            grad = torch.randn(a.shape, generator=g, device="cuda").bfloat16()
+            a.grad = grad.float()
+            p.grad = torch.empty_like(p).copy_(grad)
+        opt_ref.step()
+        opt.step()
+    rel = max(((masters.master[p] - a).abs().max() / a.abs().max()).item()
+              for a, p in zip(ref.parameters(), half.parameters()))
+    rounded = all(torch.equal(p, masters.master[p].bfloat16()) for p in half.parameters())
+    return {"compiled": compiled, "channels_last": channels_last, "max_rel_diff": rel, "weights_are_rounding": rounded,
+            "ok": rel < 1e-5 and rounded}
+
+
+def main() -> None:
+    master_weights.PACK_ELEMENTS = 1 << 12  # the GroupNorm and bias weights packed, the rest alone
+    for compiled in (False, True):
+        for channels_last in (False, True):
+            print(json.dumps(check(compiled, channels_last)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
