@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import common  # noqa: F401 (puts the repository on sys.path)
-from ldm.optim import master_weights
 from ldm.optim.master_weights import AdamWMaster, MasterWeights
 
 
@@ -44,7 +43,6 @@ def check(compiled: bool, channels_last: bool, steps: int = 20) -> dict:
 
 
 def main() -> None:
-    master_weights.PACK_ELEMENTS = 1 << 12  # the GroupNorm and bias weights packed, the rest alone
     for compiled in (False, True):
         for channels_last in (False, True):
             print(json.dumps(check(compiled, channels_last)), flush=True)
