@@ -46,3 +46,5 @@ row full32clsrcd 300 bench/train_step.py --impl ours --batch 32 --compile --chan
 row full32clsrck 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --inductor combo_kernels=1
 row full32clsrcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --cudagraphs --whole_unet
 row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update
+row full32clms 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master
+row eager32ms  150 bench/train_step.py --impl ours --batch 32 --master

@@ -10,7 +10,8 @@ often as the fraction cut off says. Timings: GPU ms per update (CUDA events, 10 
 parameter and the rate that makes. Paths: torch's fused AdamW on fp32 weights (the shipped
 full fine-tune's update) and on bf16 weights (round-to-nearest, the `--unet_bf16` probe);
 adamw_bf16 eager (packs and chunks), compiled (compile_updates: a call per weight or pack)
-and with the kernel (one launch), on bf16 weights, and the kernel on fp32 weights.
+and with the kernel (one launch), on bf16 weights, the kernel on fp32 weights, and
+adamw_master's use of it (bf16 weights with fp32 masters).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from optimizer_host import sd15_weights  # noqa: E402
 
 from ldm.optim import triton_adamw  # noqa: E402
 from ldm.optim.low_memory import AdamWBF16  # noqa: E402
+from ldm.optim.master_weights import AdamWMaster, MasterWeights  # noqa: E402
 
 
 def emit(**record) -> None:
@@ -149,6 +151,17 @@ def main() -> None:
                   torch.bfloat16, 14)
     triton_adamw.BLOCK, triton_adamw.CHUNK = shipped
     time_path(f"adamw_bf16, the kernel, fp32 weights, blocks of {shipped[0]}, programs of {shipped[1]}", kernel,
+              torch.float32, 28)
+
+    def master(params):  # bf16 weights and gradients, fp32 masters and moments (adamw_master)
+        triton_adamw.qualifies = qualifies
+        masters = MasterWeights(torch.nn.ParameterList(params))
+        for p in params:
+            p.grad = p.grad.bfloat16()
+        opt = AdamWMaster(params, lr=1e-5)
+        opt.use(masters)
+        return opt
+    time_path("adamw_master, the kernel (bf16 gradient in, fp32 master and moments, bf16 weight out)", master,
               torch.float32, 28)
 
 

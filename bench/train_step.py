@@ -20,6 +20,7 @@
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update  # no fused kernel
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2  # host probe
+    python bench/train_step.py --impl ours --batch 32 [--compile --channels_last] --master   # fp32 master weights
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
@@ -48,6 +49,7 @@ from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tf
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
+from ldm.optim.master_weights import MasterWeights  # noqa: E402
 
 
 def ours(args: argparse.Namespace, with_model: bool = False):
@@ -78,12 +80,20 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     if args.old_update:  # adamw_bf16 without its fused kernel: packs and chunks, or compiled packs
         from ldm.optim import triton_adamw
         triton_adamw.qualifies = lambda tensors: False
+    masters = None
+    if args.master:  # unet_precision: bf16 + optimizer.name: adamw_master, as LatentDiffusion.setup does it
+        masters = MasterWeights(model.model)
+        for part in (model.model, model.first_stage_model, model.cond_stage_model):
+            part.to(torch.bfloat16)
+        optimizer = {"name": "adamw_master"}
     if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
         for part in (model.model, model.first_stage_model):
             part.to(memory_format=torch.channels_last)
     if args.no_text_cache:  # the frozen text encoder runs every step (cache_text_encoder_outputs: false)
         model.text_cache = None
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
+    if masters is not None:
+        step.optimizer.use(masters)
     if args.plan:
         step = bucket_steps(step, batch, args.plan, args.batch)
 
@@ -218,6 +228,8 @@ def main() -> None:
     p.add_argument("--host_delay_ms", type=float, default=0.0,
                    help="ours: sleep this long at each step's start (a probe: does the host's time between the "
                         "optimizer's launch and the next forward pass cost GPU time?)")
+    p.add_argument("--master", action="store_true",
+                   help="ours: bf16 UNet weights with fp32 masters (unet_precision: bf16, optimizer.name: adamw_master)")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
     args = p.parse_args()
@@ -255,6 +267,7 @@ def main() -> None:
                         **({"old_update": True} if args.old_update else {}),
                         **({"host_delay_ms": args.host_delay_ms} if args.host_delay_ms else {}),
                         **({"cudagraphs": True, "whole_unet": args.whole_unet} if args.cudagraphs else {}),
+                        **({"master": True} if args.master else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))

@@ -343,9 +343,13 @@ def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
         raise ValueError(f"{key}: expected fp32 or bf16, got {precision!r}")
     if precision == "bf16" and use_ema:
         raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false or fp32")
-    if precision == "bf16" and optimizer != "adamw_bf16":
+    if optimizer == "adamw_master" and precision != "bf16":
+        raise ValueError(f"{key}: optimizer.name adamw_master keeps fp32 masters of bf16 weights; set "
+                         f"unet_precision: bf16 (fp32 weights train with adamw)")
+    if precision == "bf16" and optimizer not in ("adamw_bf16", "adamw_master"):
         rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
-                       f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them")
+                       f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them, adamw_master "
+                       f"keeps fp32 master weights")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 

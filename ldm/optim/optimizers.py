@@ -92,6 +92,9 @@ class OptimizerConfig:
         check_text_encoder_stop(values["text_encoder_stop"], key)
         if not isinstance(values["fused_backward"], bool):
             raise ConfigError(f"{key}.fused_backward: expected true or false, got {values['fused_backward']!r}")
+        if values["fused_backward"] and name.lower() == "adamw_master":
+            raise ConfigError(f"{key}.fused_backward: not with adamw_master (its masters are updated after the "
+                              f"backward pass); use adamw_bf16 for steps in the backward pass, or set it false")
         if values["fused_backward"] and name.lower() == "prodigy":
             raise ConfigError(f"{key}.fused_backward: prodigy estimates one step size from all parameters "
                               f"together and cannot step them one by one; use another optimizer or set it false")

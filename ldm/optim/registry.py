@@ -11,6 +11,9 @@
     adamw_bf16  AdamW for weights stored in bf16 (`model.params.unet_precision: bf16`): fp32
                 arithmetic, weights and moments written back with stochastic rounding
                 (ldm.optim.low_memory). 6 bytes per parameter of weights and state instead of 12.
+    adamw_master AdamW on fp32 master copies of weights stored in bf16 (`unet_precision: bf16`):
+                autocast's arithmetic without its per-step weight and gradient casts
+                (ldm.optim.master_weights). fp32 AdamW's memory; checkpoints hold the masters.
     adafactor   torch.optim.Adafactor (transformers' Adafactor where torch has none): factored
                 second moment, no first moment, the least state. Its step is
                 min(lr, 1/sqrt(t)) x the parameter's RMS (relative step, parameter scaling):
@@ -172,11 +175,19 @@ def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type:
     return _make(AdamWBF16, groups, _kwargs(AdamWBF16, cfg, key))
 
 
+def _adamw_master(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
+                  key: str) -> torch.optim.Optimizer:
+    from ldm.optim.master_weights import AdamWMaster
+
+    return _make(AdamWMaster, groups, _kwargs(AdamWMaster, cfg, key))
+
+
 Builder = Callable[[list[dict[str, Any]], "OptimizerConfig", str, str], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
     "adamw_bf16": _adamw_bf16,
+    "adamw_master": _adamw_master,
     "lion": _lion,
     "prodigy": _prodigy,
     "adafactor": _adafactor,

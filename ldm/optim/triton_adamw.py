@@ -15,10 +15,14 @@ The arithmetic is `low_memory.adamw_update_`'s, in fp32:
 
 and bf16 weights and moments are written back with stochastic rounding (random bits from
 Philox, keyed by a seed the caller draws per launch and the block's index); fp32 ones plainly.
+An fp32 weight may have a bf16 copy (adamw_master: the fp32 weight is the master of a bf16
+weight the model computes with, and its gradient is bf16): the kernel then reads the bf16
+gradient and writes the copy too, rounded to nearest as autocast's cast would.
 
 A weight qualifies when its four tensors (weight, gradient, m, v) are on a CUDA device, all
-bf16 or all fp32, with the same strides, and dense (contiguous, or channels-last): then each
-is the same flat run of memory, element for element. Tests run the kernel on the CPU in
+bf16 or all fp32 (with a copy: weight, m, v fp32, gradient and copy bf16), with the same
+strides, and dense (contiguous, or channels-last): then each is the same flat run of memory,
+element for element. Tests run the kernel on the CPU in
 Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -36,18 +40,25 @@ except ImportError:  # torch builds without Triton (CPU-only wheels): the other 
 BLOCK = 512  # elements per loop step, 8 warps: on an H200 (bf16, a block per program) 1.09x faster than 1024,
 #               1.26x than 256, 1.56x than 2048
 CHUNK = 16 * BLOCK  # elements per program (a weight's last chunk is shorter): 1.08x faster than one block
-Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # weight, gradient, m, v
+Tensors = tuple[torch.Tensor, ...]  # weight, gradient, m, v [, bf16 copy of the weight]
 DTYPES = (torch.bfloat16, torch.float32)
+BF16, FP32 = torch.bfloat16, torch.float32
 
 
 def same_layout(tensors: Tensors) -> bool:
-    """The four tensors are all bf16 or all fp32, on one device, with the same strides, and
-    dense (contiguous, or channels-last): the same flat run of memory, element for element.
+    """The four tensors are all bf16 or all fp32 (with a fifth, the copy: weight, m and v fp32,
+    gradient and copy bf16), on one device, with the same strides, and dense (contiguous, or
+    channels-last): the same flat run of memory, element for element.
     (Runs for every weight at every step: plain comparisons, no generators.)"""
-    w, g, m, v = tensors
+    w, g, m, v, *copy = tensors
     strides, dtype, device = w.stride(), w.dtype, w.get_device()
-    return (dtype in DTYPES and g.dtype is dtype and m.dtype is dtype and v.dtype is dtype
-            and g.stride() == strides and m.stride() == strides and v.stride() == strides
+    if copy:
+        c = copy[0]
+        dtypes = dtype is FP32 and m.dtype is FP32 and v.dtype is FP32 and g.dtype is BF16 and c.dtype is BF16
+        dtypes = dtypes and c.stride() == strides and c.get_device() == device
+    else:
+        dtypes = dtype in DTYPES and g.dtype is dtype and m.dtype is dtype and v.dtype is dtype
+    return (dtypes and g.stride() == strides and m.stride() == strides and v.stride() == strides
             and g.get_device() == device and m.get_device() == device and v.get_device() == device
             and (w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))))
 
@@ -66,21 +77,31 @@ if triton is not None:
         return (bits & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
+    def _round_nearest_bf16(x):
+        """x (fp32) to the nearest bf16, ties to even, as torch rounds (spelled out: Triton's
+        interpreter, which the tests run, truncates in `.to(tl.bfloat16)`)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+    @triton.jit
     def _bits16(r):
         """BLOCK // 2 random uint32 -> BLOCK values whose low 16 bits are random (both halves of each)."""
         return tl.interleave(r, r >> 16)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamw_kernel(table, numels, block_weight, block_start, step_size, decay, one_minus_b1, b2, one_minus_b2,
-                      eps, bc2, seed, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                      eps, bc2, seed, DTYPE: tl.constexpr, GRAD: tl.constexpr, COLUMNS: tl.constexpr,
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         pid = tl.program_id(0)
         i = tl.load(block_weight + pid)                    # the weight this chunk belongs to
         start = tl.load(block_start + pid)                 # its first element
         n = tl.minimum(tl.load(numels + i) - start, CHUNK)  # and how many it has
-        w_ptr = tl.load(table + 4 * i).to(tl.pointer_type(DTYPE)) + start
-        g_ptr = tl.load(table + 4 * i + 1).to(tl.pointer_type(DTYPE)) + start
-        m_ptr = tl.load(table + 4 * i + 2).to(tl.pointer_type(DTYPE)) + start
-        v_ptr = tl.load(table + 4 * i + 3).to(tl.pointer_type(DTYPE)) + start
+        row = table + COLUMNS * i  # the weight's addresses: w, g, m, v [, copy]
+        w_ptr = tl.load(row).to(tl.pointer_type(DTYPE)) + start
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD)) + start
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE)) + start
+        v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE)) + start
         # the chain of loads above (map, table, tensors) is paid once per chunk, not per BLOCK
         for j in range(0, n, BLOCK):
             offs = j + tl.arange(0, BLOCK)
@@ -108,6 +129,9 @@ if triton is not None:
                 tl.store(w_ptr + offs, w, mask=mask)
                 tl.store(m_ptr + offs, m, mask=mask)
                 tl.store(v_ptr + offs, v, mask=mask)
+                if COLUMNS == 5:  # the bf16 copy, rounded to nearest
+                    c_ptr = tl.load(row + 4).to(tl.pointer_type(tl.bfloat16)) + start
+                    tl.store(c_ptr + offs, _round_nearest_bf16(w), mask=mask)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -133,15 +157,19 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
 
 def adamw_(weights: list[Tensors], *, lr: float, b1: float, b2: float, eps: float, wd: float, step: int,
            seed: int) -> None:
-    """One AdamW step of every (weight, gradient, m, v) in `weights`, in one launch. All must
-    qualify, with one dtype and device; all are at optimizer step `step` (1 on the first).
-    `seed` keys the stochastic rounding of bf16 values: draw a new one per launch."""
+    """One AdamW step of every (weight, gradient, m, v) or (weight, gradient, m, v, copy) in
+    `weights`, in one launch. All must qualify, be alike (dtypes, copy or not) and on one
+    device, at optimizer step `step` (1 on the first). `seed` keys the stochastic rounding of
+    bf16 values: draw a new one per launch."""
     seed = (1 << 32) + seed % (1 << 61)  # always an int64 argument: a seed that fit int32 would compile anew
     w0 = weights[0][0]
     numels, block_weight, block_start = _block_map(w0.device, tuple(t[0].numel() for t in weights), CHUNK)
     table = _to_device([x.data_ptr() for t in weights for x in t], w0.device)
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    dtype = {BF16: tl.bfloat16, FP32: tl.float32}
     _adamw_kernel[(len(block_weight),)](
         table, numels, block_weight, block_start, lr / bc1, 1 - lr * wd, 1 - b1, b2, 1 - b2, eps, bc2, seed,
-        DTYPE=tl.bfloat16 if w0.dtype == torch.bfloat16 else tl.float32, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=8)
-    torch.autograd.graph.increment_version([x for t in weights for x in (t[0], t[2], t[3])])  # written behind torch's back
+        DTYPE=dtype[w0.dtype], GRAD=dtype[weights[0][1].dtype], COLUMNS=len(weights[0]), BLOCK=BLOCK, CHUNK=CHUNK,
+        num_warps=8)
+    written = [x for t in weights for i, x in enumerate(t) if i != 1]
+    torch.autograd.graph.increment_version(written)  # written behind torch's back

@@ -40,6 +40,7 @@ from ldm.modules.encoders.output_cache import text_encoder_output_cache
 from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
                                           compile_model, whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
+from ldm.optim.master_weights import MasterWeights, check_master_trainer
 from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
 from ldm.util import instantiate_from_config
 
@@ -167,6 +168,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         self.unet_dtype = unet_dtype(unet_precision, use_ema, self.optimizer_config.name)
         self.channels_last = check_channels_last(channels_last, self.optimizer_config.name)
         self._compiled = False
+        self.masters: MasterWeights | None = None  # setup, with optimizer.name adamw_master
         self.network_config: NetworkConfig | None = None
         if network is not None:
             self._add_network(NetworkConfig.from_mapping(network))
@@ -306,6 +308,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             for part in (self.model, self.first_stage_model, self.cond_stage_model):
                 part.to(dtype)
         elif self.unet_dtype != torch.float32:  # weights stored in bf16 (adamw_bf16 keeps them training)
+            if self.optimizer_config.name == "adamw_master" and self.masters is None:
+                self.masters = MasterWeights(self.model, self.unet_dtype)  # keeps the fp32 values as masters
             self.model.to(self.unet_dtype)  # and the frozen parts with them: 0.4 GiB of the 6 GiB budget
             self.first_stage_model.to(self.unet_dtype)
             if not self.cond_stage_trainable:
@@ -395,9 +399,13 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if cfg.fused_backward and self._trainer is not None:
             check_trainer(self.trainer, "model.params.optimizer")
+        if cfg.name == "adamw_master" and self._trainer is not None:
+            check_master_trainer(self.trainer, "model.params.optimizer")
         if self.cudagraphs and self._trainer is not None:
             check_cudagraphs_trainer(self.trainer)
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
+        if self.masters is not None:
+            opt.use(self.masters)
         if self.compile_blocks:
             compile_updates(opt)  # adamw_bf16's update as one kernel (other optimizers: unchanged)
         # from the data plan: trainer.estimated_stepping_batches would iterate the loader here,
