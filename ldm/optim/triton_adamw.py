@@ -14,7 +14,7 @@ The arithmetic is `low_memory.adamw_update_`'s, in fp32:
     w = w (1 - lr wd) - lr / bc1 * m / (sqrt(v / bc2) + eps)        bc = 1 - b^t
 
 and bf16 weights and moments are written back with stochastic rounding (random bits from
-Philox, keyed by a seed the caller draws per launch and the block's index); fp32 ones plainly.
+Philox, keyed by a seed the caller draws per launch and the chunk's index); fp32 ones plainly.
 An fp32 weight may have a bf16 copy (adamw_master: the fp32 weight is the master of a bf16
 weight the model computes with, and its gradient is bf16): the kernel then reads the bf16
 gradient and writes the copy too, rounded to nearest as autocast's cast would.
@@ -22,8 +22,7 @@ gradient and writes the copy too, rounded to nearest as autocast's cast would.
 A weight qualifies when its four tensors (weight, gradient, m, v) are on a CUDA device, all
 bf16 or all fp32 (with a copy: weight, m, v fp32, gradient and copy bf16), with the same
 strides, and dense (contiguous, or channels-last): then each is the same flat run of memory,
-element for element. Tests run the kernel on the CPU in
-Triton's interpreter (TRITON_INTERPRET=1).
+element for element. Tests run the kernel on the CPU in Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
