@@ -5,7 +5,7 @@
 # TensorBoard events.
 # Usage (device): bash bench/main_preset.sh configs/stable-diffusion/presets/vram_6gb.yaml OUTDIR [override ...]
 set -euo pipefail
-preset=$1; out=${2:-/tmp/preset}; shift 2 || true
+preset=$1; out=${2:-/tmp/preset}; shift $(( $# < 2 ? $# : 2 ))  # the rest: overrides
 mkdir -p "$out"
 [ -d "$out/data" ] || python3 scripts/make_shapes.py "$out/data" --count 120 --size 512 --seed 1 > /dev/null
 python3 - "$out/data" <<'PY'
