@@ -36,8 +36,6 @@ def test_a_preset_merges_after_the_fine_tune_configs(base, preset):
     assert params.unet_config.params.use_checkpoint is checkpointing
     assert params.get("compile", False) == compile_
     assert cfg.lightning.trainer.precision == "bf16-mixed"  # the base's, which bf16 weights need
-    logger = cfg.lightning.callbacks.image_logger  # the base's settings, sampled without a CUDA graph
-    assert logger.params.cuda_graph is False and logger.params.batch_frequency == 250
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

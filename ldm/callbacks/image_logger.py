@@ -20,9 +20,7 @@ Options follow the prompt (the kohya-ss sample-prompt syntax):
 Width and height are rounded down to a multiple of 8 latent pixels (64 px for SD).
 
 Sampling runs in eval mode, without gradients, with the EMA weights if the model keeps
-them; on a GPU, the DDIM loop's UNet calls are replayed from a CUDA graph (`cuda_graph`,
-ldm/models/diffusion/cuda_graph.py), which holds about one UNet forward's memory for the rest
-of the run. It leaves the module's train/eval flags and the torch CPU/CUDA RNG states exactly
+them, and leaves the module's train/eval flags and the torch CPU/CUDA RNG states exactly
 as it found them, so a run with samples trains the same as one without.
 """
 from __future__ import annotations
@@ -203,8 +201,7 @@ def sampling_mode(pl_module: pl.LightningModule) -> Iterator[None]:
 class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency: int = 250, max_images: int = 8, prompts_file: str | None = None,
                  steps: int = 40, guidance_scale: float = 7.5, seed: int = 1234, log_on_epoch_end: bool = True,
-                 negative_prompt: str = "", disabled: bool = False, cuda_graph: bool = True,
-                 logdir: str | None = None):
+                 negative_prompt: str = "", disabled: bool = False, logdir: str | None = None):
         for name, value in (("batch_frequency", batch_frequency), ("max_images", max_images), ("steps", steps)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ImageLogger {name}: expected an integer >= 1, got {value!r}")
@@ -217,7 +214,6 @@ class ImageLogger(pl.Callback):
         self.log_on_epoch_end = log_on_epoch_end
         self.negative_prompt = negative_prompt
         self.disabled = disabled
-        self.cuda_graph = cuda_graph
         self.logdir = Path(logdir) if logdir else None
         self._captions: list[str] = []
         self._batch_hw: tuple[int, int] | None = None  # pixel size of the latest batch
@@ -322,8 +318,7 @@ class ImageLogger(pl.Callback):
         first = group[0]
         return txt2img(pl_module, [p.prompt for p in group], [p.seed for p in group], height=first.height,
                        width=first.width, steps=first.steps, guidance_scale=first.guidance_scale,
-                       negative_prompt=first.negative_prompt, autocast=trainer.precision_plugin.forward_context(),
-                       cuda_graph=self.cuda_graph)
+                       negative_prompt=first.negative_prompt, autocast=trainer.precision_plugin.forward_context())
 
     def _save(self, trainer: pl.Trainer, kind: str, grid: Image.Image, prompts: Sequence[SamplePrompt]) -> None:
         """Queue the grid's PNG, its prompts and its TensorBoard image for the writer thread."""

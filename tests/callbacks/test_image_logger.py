@@ -311,15 +311,3 @@ def test_grids_are_written_in_a_writer_thread_and_a_failed_write_names_its_file(
                                            r"No space left"):
         logger.wait()
     logger.teardown(None, tiny_model, "fit")
-
-
-@pytest.mark.parametrize("graph", [True, False])
-def test_the_cuda_graph_switch_reaches_the_sampler_and_is_on_by_default(tiny_model, tmp_path, monkeypatch, graph):
-    from ldm.models.diffusion.ddim import DDIMSampler
-
-    seen, real = [], DDIMSampler.sample
-    monkeypatch.setattr(DDIMSampler, "sample", lambda self, *a, **k: seen.append(k["cuda_graph"]) or real(self, *a, **k))
-    options = {} if graph else {"cuda_graph": False}
-    ImageLogger(steps=2, logdir=str(tmp_path), **options).on_train_batch_end(
-        fake_trainer(tmp_path, 250), tiny_model, None, batch(["a"]), 0)
-    assert seen == [graph]

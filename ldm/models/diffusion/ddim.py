@@ -24,8 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.models.diffusion.cuda_graph import GraphedCall
-
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     """The sampled timesteps in ascending order [steps] (long): 1, 1 + c, ..., c = T // steps."""
@@ -81,16 +79,13 @@ class DDIMSampler:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None, shape: tuple[int, ...] | torch.Size,
                steps: int = 40, guidance_scale: float = 7.5, eta: float = 0.0,
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-               cuda_graph: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """Draw z_0 [B,C,h,w] (float32) for contexts `cond` [B,77,D].
 
         uncond: the negative/empty-prompt context, [B,77,D] or [1,77,D]; None samples from the
         conditional model alone (no guidance). shape: the full latent shape (B, C, h, w).
         generator: a CPU generator for x_T and the eta noise; without one, a fresh generator
         seeded from system entropy. x_T: the starting noise, instead of drawing it.
-        cuda_graph: on a CUDA device, record the guided model call as a CUDA graph on the second
-        step and replay it for the rest (cuda_graph.py): the same numbers, launched at once.
         """
         shape = tuple(shape)
         if cond.shape[0] != shape[0]:
@@ -106,11 +101,6 @@ class DDIMSampler:
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
         x = noise() if x_T is None else x_T.to(device=device, dtype=torch.float32)
-
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.guided_output(x_t, t, cond, uncond, guidance_scale)
-        if cuda_graph and device.type == "cuda":
-            guided = GraphedCall(guided, "DDIM sampling")
         abar = self.model.alphas_cumprod.to(device=device, dtype=torch.float64)
         timesteps = ddim_timesteps(self.model.num_timesteps, steps).tolist()
         for i in reversed(range(len(timesteps))):
@@ -118,7 +108,8 @@ class DDIMSampler:
             abar_t = abar[t].float()
             abar_s = abar[timesteps[i - 1]].float() if i > 0 else abar.new_ones(()).float()
 
-            out = guided(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            out = self.guided_output(x, torch.full((shape[0],), t, device=device, dtype=torch.long),
+                                     cond, uncond, guidance_scale)
             x0, eps = x0_and_eps(out, x, abar_t, self.model.parameterization)
 
             sigma = eta * ((1 - abar_s) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_s).sqrt()

@@ -20,19 +20,17 @@ def latent_factor(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def txt2img(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
             steps: int = 40, guidance_scale: float = 7.5, negative_prompt: str = "",
-            autocast: ContextManager | None = None, cuda_graph: bool = True) -> list[Image.Image]:
+            autocast: ContextManager | None = None) -> list[Image.Image]:
     """One image per prompt, its start noise from a CPU generator seeded by its seed, so an
     image does not depend on the device or on what it is batched with. `autocast` is the
-    context for the text encoder and UNet (the VAE decodes in its own precision). On a CUDA
-    device `cuda_graph` replays the DDIM loop's UNet calls from a CUDA graph (ddim.py)."""
+    context for the text encoder and UNet (the VAE decodes in its own precision)."""
     factor = latent_factor(model)
     shape = (len(prompts), model.channels, height // factor, width // factor)
     x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     with autocast or nullcontext():
         cond = model.get_learned_conditioning(list(prompts))               # [B,77,D]
         uncond = model.get_learned_conditioning([negative_prompt])         # [1,77,D]
-        z = DDIMSampler(model).sample(cond, uncond, shape, steps=steps, guidance_scale=guidance_scale, x_T=x_T,
-                                      cuda_graph=cuda_graph)
+        z = DDIMSampler(model).sample(cond, uncond, shape, steps=steps, guidance_scale=guidance_scale, x_T=x_T)
     vae_dtype = next(model.first_stage_model.parameters()).dtype
     images = []
     for z_i in z:  # one at a time, in the VAE's own precision: the decoder is the memory peak
