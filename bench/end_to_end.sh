@@ -28,10 +28,16 @@ echo "$e2e"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
 # as the shipped configs run (lightning.trainer.benchmark: false); with cuDNN's per-process kernel
 # trials on, the bare step differed by up to 10% between two processes of one call
-bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark | grep '^{')
+# shellcheck disable=SC2086
+master=$(python3 -c "import sys; from ldm.config import load_config
+print('--master' if load_config(sys.argv[1:]).model.params.optimizer.name == 'adamw_master' else '')" \
+    $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml})  # bf16 weights, fp32 masters, as the run trained
+# shellcheck disable=SC2086
+bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark $master | grep '^{')
 echo "$bare"
-buckets=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark --steps 60 \
-    --plan "$run/dataset_plan.json" | grep '^{')
+# shellcheck disable=SC2086
+buckets=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark $master \
+    --steps 60 --plan "$run/dataset_plan.json" | grep '^{')
 echo "$buckets"
 python3 -c "import json,sys; e,b,k=(json.loads(s) for s in sys.argv[1:]); print(json.dumps({
     'main_over_bare': round(e['img_per_s']/b['img_per_s'], 3),

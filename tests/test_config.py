@@ -83,3 +83,23 @@ def test_instantiate_names_the_path():
         instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 1}}, path="x")
     layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 2, "out_features": 3}})
     assert layer.weight.shape == (3, 2)
+
+
+def test_the_large_scale_guide_example_trains_with_adamw_where_it_accumulates(tmp_path):
+    """doc/LARGE-SCALE.md's example YAML, merged after the fine-tune config: gradient
+    accumulation, which adamw_master (the config's default) refuses, comes with adamw on fp32
+    weights, and the tiny model with those settings builds."""
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    guide = Path("doc/LARGE-SCALE.md").read_text()
+    example = write(tmp_path, "my-large.yaml", re.search(r"```yaml\n(# configs/my-large.yaml.*?)```", guide, re.S)[1])
+    cfg = load_config(["configs/stable-diffusion/v1-finetune_everydream.yaml", example])
+    assert cfg.lightning.trainer.accumulate_grad_batches == 2
+    params = cfg.model.params
+    assert (params.unet_precision, params.optimizer.name) == ("fp32", "adamw")
+    tiny = OmegaConf.load(TINY).model
+    tiny.params.update(unet_precision=params.unet_precision, optimizer=params.optimizer, use_ema=params.use_ema)
+    instantiate_from_config({"target": tiny.target, "params": tiny.params}, path="model")

@@ -342,7 +342,9 @@ def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"{key}: expected fp32 or bf16, got {precision!r}")
     if precision == "bf16" and use_ema:
-        raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false or fp32")
+        plain = " with optimizer.name: adamw" if optimizer == "adamw_master" else ""
+        raise ValueError(f"{key}: an EMA of bf16 weights cannot take its 1e-4 steps; set use_ema: false, or "
+                         f"unet_precision: fp32{plain}")
     if optimizer == "adamw_master" and precision != "bf16":
         raise ValueError(f"{key}: optimizer.name adamw_master keeps fp32 masters of bf16 weights; set "
                          f"unet_precision: bf16 (fp32 weights train with adamw)")

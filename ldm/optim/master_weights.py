@@ -90,7 +90,8 @@ def check_master_trainer(trainer: Any, key: str) -> None:
                           f"model.params.unet_precision: fp32")
     if str(getattr(trainer, "precision", "")).startswith("16"):
         raise ConfigError(f"{key}.name: adamw_master keeps bf16 weights for bf16 autocast; set "
-                          f"lightning.trainer.precision: bf16-mixed")
+                          f"lightning.trainer.precision: bf16-mixed, or (GPUs without bf16) use adamw with "
+                          f"model.params.unet_precision: fp32")
 
 
 class AdamWMaster(torch.optim.Optimizer):

@@ -166,6 +166,8 @@ def test_a_step_computes_what_autocast_computes_on_fp32_weights():
 def test_the_settings_adamw_master_cannot_honour_are_refused_by_name():
     with pytest.raises(ValueError, match="unet_precision: optimizer.name adamw_master .* set unet_precision: bf16"):
         build(use_ema=False, optimizer={"name": "adamw_master"})
+    with pytest.raises(ValueError, match="EMA .* set use_ema: false, or unet_precision: fp32 with optimizer.name: adamw"):
+        build(use_ema=True, unet_precision="bf16", optimizer={"name": "adamw_master"})
     with pytest.raises(ConfigError, match="fused_backward: not with adamw_master"):
         OptimizerConfig.from_mapping({"name": "adamw_master", "fused_backward": True})
 
@@ -173,7 +175,8 @@ def test_the_settings_adamw_master_cannot_honour_are_refused_by_name():
         accumulate_grad_batches, precision = 1, "bf16-mixed"
     check_master_trainer(Trainer(), "k")
     for field, value, message in (("accumulate_grad_batches", 4, "accumulate_grad_batches: 1"),
-                                  ("precision", "16-mixed", "precision: bf16-mixed")):
+                                  ("precision", "16-mixed", "precision: bf16-mixed, or .* adamw with "
+                                                                "model.params.unet_precision: fp32")):
         t = Trainer()
         setattr(t, field, value)
         with pytest.raises(ConfigError, match=message):
@@ -208,3 +211,35 @@ def test_main_trains_with_masters_saves_them_and_resumes(tmp_path):
     assert all(s["exp_avg"].dtype == torch.float32 and "master" not in s for s in state["state"].values())
     assert main([*base, "-t", "-r", str(run / "checkpoints" / "last.ckpt"), *opts[:-1],
                  "lightning.trainer.max_epochs=2"]) == 0
+
+
+@pytest.mark.parametrize("config", ["v1-finetune_everydream", "v2-finetune_everydream"])
+def test_the_fine_tune_configs_train_the_unet_with_masters_and_a_text_encoder_in_fp32(config):
+    """The shipped fine-tune configs' settings (unet_precision bf16, adamw_master) on the tiny
+    model, with cond_stage_trainable: true: the UNet's bf16 weights are their masters' rounding
+    after a step, and the text encoder, kept fp32, trains in the same optimizer."""
+    shipped = OmegaConf.load(ROOT / f"configs/stable-diffusion/{config}.yaml").model.params
+    assert (shipped.unet_precision, shipped.optimizer.name, shipped.use_ema) == ("bf16", "adamw_master", False)
+    cfg = OmegaConf.load(ROOT / "tests/configs/tiny.yaml").model
+    cfg.params.update(unet_precision="bf16", use_ema=False, cond_stage_trainable=True)
+    cfg.params.optimizer = {"name": "adamw_master"}
+    model = instantiate_from_config({"target": cfg.target, "params": cfg.params}, path="model")
+    model.setup("fit")
+    model.learning_rate = 1e-3
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    text = [p for p in model.cond_stage_model.parameters() if p.requires_grad]
+    assert text and all(p.dtype == torch.float32 for p in text)
+    assert all(p.dtype == torch.bfloat16 for p in model.model.parameters())
+    before = [p.detach().clone() for p in text]
+    before_unet = [p.detach().clone() for p in model.model.parameters()]
+    model.on_fit_start()
+    batch = model.on_before_batch_transfer({"image": torch.rand(2, 3, 32, 32) * 2 - 1,
+                                            "caption": ["a red circle", "a blue square"]}, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.shared_step(batch).backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, text))
+    assert any(not torch.equal(a, p) for a, p in zip(before_unet, model.model.parameters()))
+    for p in model.model.parameters():
+        assert torch.equal(p.detach(), model.masters.master[p].bfloat16())
