@@ -7,6 +7,7 @@
 # Then the bare step with the same model, batch and settings (VAE encode in the step, gradient
 # checkpointing as the config has it), at 512 x 512 and on the run's own buckets (its
 # dataset_plan.json: images of ~0.93 of 512^2's pixels on average here), and the ratios.
+# E2E_BARE_RUNS: processes of the bare step on the buckets (3; the ratios use their median).
 #   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU;
 #   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it;
 #   E2E_KEEP=1 keeps the run's checkpoints, deleted once measured)
@@ -35,11 +36,20 @@ print('--master' if load_config(sys.argv[1:]).model.params.optimizer.name == 'ad
 # shellcheck disable=SC2086
 bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark $master | grep '^{')
 echo "$bare"
-# shellcheck disable=SC2086
-buckets=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark $master \
-    --steps 60 --plan "$run/dataset_plan.json" | grep '^{')
-echo "$buckets"
-python3 -c "import json,sys; e,b,k=(json.loads(s) for s in sys.argv[1:]); print(json.dumps({
+# The bare step on the run's buckets in E2E_BARE_RUNS (default 3) processes: on this host one
+# process ran up to 1.45x faster per pixel than the next (doc/PERFORMANCE.md, fifteenth session),
+# so the ratios are taken against their median.
+buckets=()
+for _ in $(seq "${E2E_BARE_RUNS:-3}"); do
+    # shellcheck disable=SC2086
+    buckets+=("$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark \
+        $master --steps 60 --plan "$run/dataset_plan.json" | grep '^{')")
+    echo "${buckets[-1]}"
+done
+python3 -c "import json,statistics,sys; e,b,*k=(json.loads(s) for s in sys.argv[1:])
+median=statistics.median(r['img_per_s'] for r in k)
+print(json.dumps({
     'main_over_bare': round(e['img_per_s']/b['img_per_s'], 3),
-    'main_over_bare_same_buckets': round(e['img_per_s']/k['img_per_s'], 3),
-    'steady_over_bare_same_buckets': round(e['steady_img_per_s']/k['img_per_s'], 3)}))" "$e2e" "$bare" "$buckets"
+    'bare_same_buckets': [r['img_per_s'] for r in k], 'bare_same_buckets_median': median,
+    'main_over_bare_same_buckets': round(e['img_per_s']/median, 3),
+    'steady_over_bare_same_buckets': round(e['steady_img_per_s']/median, 3)}))" "$e2e" "$bare" "${buckets[@]}"
