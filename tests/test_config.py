@@ -1,7 +1,10 @@
 """Config merging, overrides and validation: every bad key or value names itself."""
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ldm.config import load_config, parse_overrides
 from ldm.util import ConfigError, instantiate_from_config
@@ -89,11 +92,6 @@ def test_the_large_scale_guide_example_trains_with_adamw_where_it_accumulates(tm
     """doc/LARGE-SCALE.md's example YAML, merged after the fine-tune config: gradient
     accumulation, which adamw_master (the config's default) refuses, comes with adamw on fp32
     weights, and the tiny model with those settings builds."""
-    import re
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
     guide = Path("doc/LARGE-SCALE.md").read_text()
     example = write(tmp_path, "my-large.yaml", re.search(r"```yaml\n(# configs/my-large.yaml.*?)```", guide, re.S)[1])
     cfg = load_config(["configs/stable-diffusion/v1-finetune_everydream.yaml", example])
