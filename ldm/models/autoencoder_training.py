@@ -37,7 +37,7 @@ class AutoencoderKLTraining(pl.LightningModule):
         rec, kl = self.losses(batch["image"])
         loss = rec + self.kl_weight * kl
         n = batch["image"].shape[0]
-        self.log("train/rec_loss", rec, prog_bar=True, batch_size=n)
+        self.log("train/rec_loss", rec, batch_size=n)  # shown by the bar at its refreshes, not read every step
         self.log("train/kl", kl, batch_size=n)
         self.log("train/loss", loss, batch_size=n)
         return loss

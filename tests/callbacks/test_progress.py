@@ -38,3 +38,52 @@ def test_the_bar_reads_metrics_every_refresh_not_every_step(tmp_path):
     trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(80, 4)), batch_size=2))
     training_reads = [s for s in calls if s > 0]
     assert 3 <= len(training_reads) <= 6, calls  # every 10th step, plus the epoch's end
+
+
+class TinyUnshown(Tiny):
+    """Logs its loss as LatentDiffusion does: on step and epoch, not as a progress-bar metric."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).square().mean()
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+def read_backs(tmp_path, monkeypatch, module) -> tuple[int, list[dict]]:
+    """Tensor-to-number conversions during a 40-step fit, and what the bar showed."""
+    reads, real_item, real_float = [], torch.Tensor.item, torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    bar, shown = RunProgressBar(), []
+    original = bar.get_metrics
+    bar.get_metrics = lambda trainer, module: shown.append(original(trainer, module)) or shown[-1]
+    trainer = pl.Trainer(max_steps=40, callbacks=[bar], logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, log_every_n_steps=1000, accelerator="cpu")
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(80, 4)), batch_size=2))
+    monkeypatch.undo()
+    return len(reads), shown
+
+
+def test_the_loss_is_read_back_when_the_bar_refreshes_not_every_step(tmp_path, monkeypatch):
+    """Lightning turns prog_bar metrics into numbers after every batch (a host sync per step on
+    a GPU); the loss reaches the bar from the callback metrics, read at each refresh only."""
+    assert read_backs(tmp_path, monkeypatch, Tiny())[0] >= 40  # prog_bar=True: every step
+    reads, shown = read_backs(tmp_path, monkeypatch, TinyUnshown())
+    assert 3 <= reads <= 10, reads  # the refreshes (every 10th step, the epoch's end), not 40
+    losses = [m["train/loss_step"] for m in shown if "train/loss_step" in m]
+    assert len(losses) >= 3 and all(isinstance(v, float) for v in losses)
+
+
+def test_the_models_log_no_training_metric_into_lightnings_progress_bar(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.load("tests/configs/tiny.yaml").model
+    model = instantiate_from_config({"target": cfg.target, "params": cfg.params}, path="model")
+    logged = []
+    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.append((name, kw.get("prog_bar", False))))
+    model.on_fit_start()
+    batch = model.on_before_batch_transfer({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "caption": ["a", "b"]}, 0)
+    model.training_step(batch, 0)
+    assert ("train/loss", False) in logged and not any(prog_bar for _, prog_bar in logged)

@@ -374,7 +374,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         with torch.no_grad():  # an exponential moving average on the device: no host sync
             smooth = self._loss_smooth
             self._loss_smooth = loss.detach() if smooth is None else torch.lerp(smooth, loss.detach(), 0.02)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        # not prog_bar: Lightning reads those back every step; the bar reads it when it refreshes
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/loss_smooth", self._loss_smooth, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
