@@ -78,24 +78,38 @@ def our_model(config: str, use_checkpoint: bool, drop_network: bool = False,
 
 
 def our_step(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], lr: float,
-             optimizer: dict | None = None) -> Callable[[], None]:
+             optimizer: dict | None = None, opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
     """One training step as main.py runs it: shared_step under bf16 autocast, then the optimizer
-    of an `optimizer` config section (default: fused AdamW), stepped with a closure as Lightning does."""
+    of an `optimizer` config section (default: fused AdamW), or `opt` (one already built, e.g. a
+    trainer's), stepped with a closure as Lightning does."""
     from ldm.optim.optimizers import OptimizerConfig, build_optimizer
 
-    opt = build_optimizer({"unet": params}, OptimizerConfig.from_mapping({**(optimizer or {}), "lr": lr}), "cuda")
+    if opt is None:
+        opt = build_optimizer({"unet": params}, OptimizerConfig.from_mapping({**(optimizer or {}), "lr": lr}), "cuda")
+
+    def mark(name: str) -> None:  # bench/phase_probe.py's marks, when step.phases is set
+        if step.phases is not None:
+            step.phases.mark(name)
 
     def closure() -> torch.Tensor:
+        mark("batch_start")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.shared_step(batch)
+        mark("backward")
         loss.backward()
+        mark("after_backward")
         return loss
 
     def step() -> torch.Tensor:
         loss = opt.step(closure)
+        mark("zero_grad")
         opt.zero_grad(set_to_none=True)
+        mark("batch_end")
+        if step.phases is not None:
+            step.phases.end_step()
         return loss
     step.optimizer = opt  # for compile_updates
+    step.phases = None
     return step
 
 

@@ -4,10 +4,12 @@
 # 50 generated images of 6 aspect ratios (640 px long side: several buckets at 512), file-name
 # captions, 10% held out for validation, 20 repeats, batch 6: 150 steps per epoch, 2 epochs,
 # with validation, a checkpoint and sample grids each epoch (and grids every 250 steps).
-# Then the bare step with the same model, batch and settings (VAE encode in the step, gradient
-# checkpointing as the config has it), at 512 x 512 and on the run's own buckets (its
-# dataset_plan.json: images of ~0.93 of 512^2's pixels on average here), and the ratios.
-# E2E_BARE_RUNS: processes of the bare step on the buckets (3; the ratios use their median).
+# The baseline: the bare step with the same model, batch and settings (VAE encode in the step,
+# gradient checkpointing as the config has it) on the run's own buckets (its dataset_plan.json:
+# images of ~0.93 of 512^2's pixels on average here), timed in main.py's process after its
+# training (bench/bare_in_process.py): the host's speed, which bounds this step, varied up to
+# 1.45x between processes. Then, in processes of their own, the bare step at 512 x 512 and
+# E2E_BARE_RUNS (default 1) times on the buckets, and the ratios against each.
 #   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU;
 #   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it;
 #   E2E_KEEP=1 keeps the run's checkpoints, deleted once measured)
@@ -24,26 +26,29 @@ python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t 
 run=$(ls -d "$out"/logs/*_e2e | tail -1)
 e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log")
 echo "$e2e"
+in_process=$(grep -a -o 'bare in process: {.*' "$out/main.log" | sed 's/^bare in process: //' | tail -1)
+[ -z "$in_process" ] || { echo "$in_process"; python3 -c "import json,sys; e,b=(json.loads(s) for s in sys.argv[1:])
+print(json.dumps({'main_over_bare_in_process': round(e['img_per_s']/b['img_per_s'], 3),
+                  'steady_over_bare_in_process': round(e['steady_img_per_s']/b['img_per_s'], 3)}))" "$e2e" "$in_process"; }
 # the run's checkpoints are 11 GB each at SD size: repeated runs filled a 64 GiB disk
 [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "$run/checkpoints"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
 # as the shipped configs run (lightning.trainer.benchmark: false); with cuDNN's per-process kernel
 # trials on, the bare step differed by up to 10% between two processes of one call
 # shellcheck disable=SC2086
-master=$(python3 -c "import sys; from ldm.config import load_config
-print('--master' if load_config(sys.argv[1:]).model.params.optimizer.name == 'adamw_master' else '')" \
-    $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml})  # bf16 weights, fp32 masters, as the run trained
+# bf16 weights with fp32 masters, and gradient checkpointing, as the run trained
+flags=$(python3 -c "import sys; from ldm.config import load_config; p = load_config(sys.argv[1:]).model.params
+print(('--master' if p.optimizer.name == 'adamw_master' else ''), ('--ckpt' if p.unet_config.params.use_checkpoint else ''))" \
+    $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml})
 # shellcheck disable=SC2086
-bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark $master | grep '^{')
+bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --encode --no_cudnn_benchmark $flags | grep '^{')
 echo "$bare"
-# The bare step on the run's buckets in E2E_BARE_RUNS (default 3) processes: on this host one
-# process ran up to 1.45x faster per pixel than the next (doc/PERFORMANCE.md, fifteenth session),
-# so the ratios are taken against their median.
+# The bare step on the run's buckets in E2E_BARE_RUNS processes, the ratios against their median.
 buckets=()
-for _ in $(seq "${E2E_BARE_RUNS:-3}"); do
+for _ in $(seq "${E2E_BARE_RUNS:-1}"); do
     # shellcheck disable=SC2086
-    buckets+=("$(python3 bench/train_step.py --impl ours --batch "$batch" --ckpt --encode --no_cudnn_benchmark \
-        $master --steps 60 --plan "$run/dataset_plan.json" | grep '^{')")
+    buckets+=("$(python3 bench/train_step.py --impl ours --batch "$batch" --encode --no_cudnn_benchmark \
+        $flags --steps 60 --plan "$run/dataset_plan.json" | grep '^{')")
     echo "${buckets[-1]}"
 done
 python3 -c "import json,statistics,sys; e,b,*k=(json.loads(s) for s in sys.argv[1:])

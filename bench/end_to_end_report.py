@@ -5,7 +5,8 @@
 
 `--skip`: steps left out at the start (cuDNN benchmarking of the first bucket shapes).
 Prints one JSON line. `steady_img_per_s` is the median rate between consecutive logged steps
-(the plain training steps); `pauses` lists the intervals that took over 1.5x the median, with the
+(the plain training steps); `peak_memory_GiB` the highest window peak the run logged
+(perf/peak_memory_gib); `pauses` lists the intervals that took over 1.5x the median, with the
 seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`.
 With `--log` (the output of a run with `lightning.trainer.profiler: simple`), `profile` gives
 calls and total seconds of the hooks the pauses are made of."""
@@ -35,6 +36,13 @@ def profile(log: Path) -> dict[str, list[float]]:
     return rows
 
 
+def peak_memory(acc: EventAccumulator) -> float | None:
+    """The highest of the Throughput callback's per-window peaks (GiB allocated), if it logged them."""
+    if "perf/peak_memory_gib" not in acc.Tags()["scalars"]:
+        return None
+    return round(max(e.value for e in acc.Scalars("perf/peak_memory_gib")), 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path)
@@ -57,6 +65,7 @@ def main() -> None:
         "seconds": round(seconds, 1), "img_per_s": round(steps * args.batch / seconds, 2),
         "steady_img_per_s": round(args.batch / per_step, 2), "pause_seconds": round(sum(p for _, p in pauses), 1),
         "pauses": pauses,
+        "peak_memory_GiB": peak_memory(acc),
         "checkpoints": len(list((args.run / "checkpoints").glob("*.ckpt"))),
         "sample_grids": len(list((args.run / "images").rglob("*.png"))),
         **({"profile": profile(args.log)} if args.log else {}),

@@ -28,6 +28,8 @@ class SyncProbe(pl.Callback):
                 line: Any = None) -> None:
         if "synchroniz" in str(message):
             frames = traceback.extract_stack()[:-2]  # without this function and warnings' own frame
+            if frames[-1].name == "set_sync_debug_mode":  # torch's note on the mode itself, when it is turned off
+                return
             self._stacks.append([f"{f.filename}:{f.lineno} {f.name}" for f in frames[-self.frames:]])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

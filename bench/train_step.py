@@ -9,6 +9,7 @@
     python bench/train_step.py --impl diffusers --batch 32 [--compile] [--ckpt]
     python bench/train_step.py ... --profile    # where the GPU's and the host's time goes instead
     python bench/train_step.py ... --host_profile    # the host's time by Python function (cProfile)
+    python bench/train_step.py --impl ours ... --phases     # host and GPU ms per phase (bench/phase_probe.py)
     python bench/train_step.py ... --profile_ops aten::copy_    # an operator's GPU time by shapes and callers
     python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
     python bench/train_step.py --impl ours|diffusers --batch 32 [--compile] --channels_last   # NHWC convolutions
@@ -121,12 +122,30 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     return (step, compile_all, model) if with_model else (step, compile_all)
 
 
+def phase_report(step, warmup: int, steps: int = 30) -> None:
+    """bench/phase_probe.py's line for `steps` steps after `warmup`, as main.py's PhaseProbe prints it."""
+    from phase_probe import Phases, report
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    inner = step.__wrapped__ if hasattr(step, "__wrapped__") else step
+    if not hasattr(inner, "phases"):
+        raise SystemExit("--phases: the eager step of --impl ours only")
+    inner.phases = Phases()
+    for _ in range(steps + 1):
+        step()
+    report(f"bare step, {steps} steps", inner.phases)
+    inner.phases = None
+
+
 def bucket_steps(step, batch: dict, plan: str, batch_size: int):
     """`step` on images of a main.py run's aspect buckets (its dataset_plan.json) instead of
     512 x 512: each bucket once first (its new shapes meet cuDNN in the warm-up), then a seeded
     shuffle of the epoch's batches, each bucket as often as the plan has batches of it."""
     buckets = json.loads(Path(plan).read_text())["buckets"]
-    images = [torch.rand(batch_size, 3, b["height"], b["width"], device="cuda") * 2 - 1 for b in buckets]
+    device = batch["tokens"].device
+    images = [torch.rand(batch_size, 3, b["height"], b["width"], device=device) * 2 - 1 for b in buckets]
     epoch = [i for i, b in enumerate(buckets) for _ in range(b["batches"])]
     random.Random(0).shuffle(epoch)
     order = itertools.chain(range(len(buckets)), itertools.cycle(epoch))
@@ -136,6 +155,7 @@ def bucket_steps(step, batch: dict, plan: str, batch_size: int):
         step()
     bucket_step.optimizer = step.optimizer
     bucket_step.buckets = len(buckets)
+    bucket_step.__wrapped__ = step  # where --phases sets its marks
     return bucket_step
 
 
@@ -206,6 +226,8 @@ def main() -> None:
     p.add_argument("--profile_ops", help="comma-separated operators (aten::copy_): their GPU time by input shapes "
                                          "and by calling Python lines, instead")
     p.add_argument("--host_profile", action="store_true", help="print the host's time by Python function instead")
+    p.add_argument("--phases", action="store_true", help="ours: print the host's and the GPU's milliseconds per "
+                                                         "phase of the step (bench/phase_probe.py) instead")
     p.add_argument("--pack_mib", type=float, help="ours, --low_memory --compile: compiled update packs of this many "
                                                    "MiB per tensor instead of low_memory.PACK_BYTES")
     p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
@@ -253,7 +275,9 @@ def main() -> None:
         profile_ops(step, args.profile_ops.split(","))
     if args.host_profile:
         host_profile(step)
-    if args.profile or args.profile_ops or args.host_profile:
+    if args.phases:
+        phase_report(step, args.warmup)
+    if args.profile or args.profile_ops or args.host_profile or args.phases:
         return
     if args.plan and not args.encode:
         raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")

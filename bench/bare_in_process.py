@@ -1,0 +1,67 @@
+"""A callback for bench runs of main.py: the bare training step, timed in main.py's own process
+after its training ends (bench/end_to_end.sh's baseline for target 2).
+
+    lightning: {callbacks: {bare_in_process: {target: bench.bare_in_process.BareInProcess}}}
+
+On this host the bare step, bound by the host's kernel launches at batch 6, ran up to 1.45x
+faster per pixel in one process than in the next (doc/PERFORMANCE.md, fifteenth session), more
+than what target 2 measures. Here it runs on the same CPU placement and allocator as the run
+it is compared with: `bench/train_step.py`'s step (`shared_step` under bf16 autocast, the
+trainer's own optimizer stepped with a closure, `zero_grad`) on random images of the run's
+buckets (its dataset_plan.json), each bucket once first, then as often as the plan has batches
+of each; with bench/phase_probe.py's marks, to set beside main.py's phase probe line. Prints
+`bare in process: {...}` (img/s, ms/step and the phases). It trains the run's model on noise
+after its last checkpoint: for bench runs only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules import each other by name
+
+
+class BareInProcess(pl.Callback):
+    def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False):
+        self.plan = Path(logdir) / "dataset_plan.json"
+        self.steps, self.on_cpu = steps, on_cpu  # on_cpu: a check of this code with a tiny config
+        self.batch_size = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.batch_size = max(self.batch_size, len(batch["caption"]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from common import CAPTIONS, our_step
+        from phase_probe import Phases
+        from train_step import bucket_steps
+
+        if not (torch.cuda.is_available() or self.on_cpu):
+            print("bare in process: not run (no GPU; on_cpu: true runs it)", flush=True)
+            return
+        pl_module.train()
+        model, n = pl_module, self.batch_size
+        batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[:n]).to(model.device), "caption": CAPTIONS[:n]}
+        inner = our_step(model, batch, [], lr=0.0, opt=trainer.optimizers[0])
+        step = bucket_steps(inner, batch, str(self.plan), n)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        for _ in range(step.buckets + 3):
+            step()
+        sync()
+        inner.phases = Phases()
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            step()
+        sync()
+        dt = time.perf_counter() - t0
+        phases, inner.phases = inner.phases.summary(), None
+        memory = {"reserved_GiB": round(torch.cuda.memory_reserved() / 2**30, 2)} if torch.cuda.is_available() else {}
+        print("bare in process: " + json.dumps({
+            "batch": n, "steps": self.steps, "img_per_s": round(n * self.steps / dt, 2),
+            "ms_per_step": round(1000 * dt / self.steps, 1), **memory, "phases": phases}), flush=True)
