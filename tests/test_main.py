@@ -248,3 +248,20 @@ def test_two_processes_ddp_on_cpu_share_one_run_folder(shapes, tmp_path):
         "epoch=00-step=00003.ckpt", "epoch=01-step=00006.ckpt", "last.ckpt"]  # 5 batches -> 3 per rank
     assert len(list((run / "configs").glob("*-project.yaml"))) == 1
     assert proc.stdout.count("Done. Run folder") == 1
+
+
+def test_out_of_memory_names_what_to_change(shapes, tmp_path, capsys, monkeypatch):
+    """A CUDA out-of-memory error in training stops the run with the keys that make it fit,
+    with the run's own values, and the run folder kept."""
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
+    def out_of_memory(self, batch, batch_idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(LatentDiffusion, "training_step", out_of_memory)
+    rc = run_main(*BASE, "-t", "--data_root", shapes, "-l", tmp_path, "data.params.batch_size=3")
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert "data.params.batch_size (now 3)" in err
+    assert "model.params.unet_config.params.use_checkpoint=true" in err and "presets/vram_12gb.yaml" in err
+    assert str(only_run(tmp_path)) in err and (only_run(tmp_path) / "configs").is_dir()
