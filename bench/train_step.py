@@ -23,6 +23,8 @@
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2  # host probe
     python bench/train_step.py --impl ours --batch 32 [--compile --channels_last] --master   # fp32 master weights
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
+    python bench/train_step.py --impl ours --config configs/stable-diffusion/v2-finetune_everydream-v.yaml \
+        --size 768 --batch 2 --encode --master                           # another model and image size
 
 Random weights of the real architectures, 512 px, bf16 autocast, fp32 master weights, fused
 AdamW. Ours is LatentDiffusion.shared_step of configs/stable-diffusion/v1-finetune_everydream.yaml
@@ -54,7 +56,7 @@ from ldm.optim.master_weights import MasterWeights  # noqa: E402
 
 
 def ours(args: argparse.Namespace, with_model: bool = False):
-    model = our_model("configs/stable-diffusion/v1-finetune_everydream.yaml", args.ckpt,
+    model = our_model(args.config, args.ckpt,
                       train_text_encoder=args.text_encoder)
     optimizer = None
     if args.low_memory:  # unet_precision: bf16 (frozen VAE and text encoder too), adamw_bf16, fused_backward
@@ -69,9 +71,9 @@ def ours(args: argparse.Namespace, with_model: bool = False):
              "caption": CAPTIONS[: args.batch]}
     if args.encode:
         model.first_stage_model.to(torch.bfloat16)
-        batch["image"] = torch.rand(args.batch, 3, 512, 512, device="cuda") * 2 - 1
+        batch["image"] = torch.rand(args.batch, 3, args.size, args.size, device="cuda") * 2 - 1
     else:
-        batch["latent"] = torch.randn(args.batch, 4, 64, 64, device="cuda")
+        batch["latent"] = torch.randn(args.batch, 4, args.size // 8, args.size // 8, device="cuda")
     if args.unet_bf16:  # a probe: the UNet's weights, gradients and AdamW moments in bf16, no casts in the step
         model.model.to(torch.bfloat16)
     if args.bf16_sr:  # unet_precision: bf16 (frozen VAE and text encoder too) and adamw_bf16, stepped after the backward
@@ -211,6 +213,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--config", default="configs/stable-diffusion/v1-finetune_everydream.yaml",
+                   help="ours: the model section of this config (e.g. a v2 fine-tune config)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (latents: size / 8)")
     p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--encode", action="store_true", help="encode 512 px images with the VAE in the step")

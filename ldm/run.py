@@ -202,8 +202,8 @@ def out_of_memory_advice(cfg: DictConfig, error: BaseException, logdir: Path) ->
     checkpointing = bool(OmegaConf.select(cfg, unet, default=False))
     steps = [f"lower data.params.batch_size (now {batch})"]
     if not checkpointing:
-        steps.append(f"set {unet}=true (gradient checkpointing: at batch 6 an SD 1.x step needs ~14.2 GiB "
-                     f"instead of ~18.7, and runs ~1.3x slower)")
+        steps.append(f"set {unet}=true (gradient checkpointing: an SD 1.x step at batch 6 peaks at ~14.2 GiB "
+                     f"instead of ~17.2, and runs 1.3-1.9x slower)")
     steps.append("or merge a memory preset after the base config (configs/stable-diffusion/presets/vram_12gb.yaml "
                  "or vram_6gb.yaml)")
     return (f"the GPU ran out of memory ({str(error).splitlines()[0] if str(error) else 'torch.OutOfMemoryError'}). "
