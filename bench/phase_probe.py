@@ -18,6 +18,7 @@ import statistics
 import time
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 
@@ -60,48 +61,42 @@ def report(label: str, phases: Phases) -> None:
     print(f"phase probe ({label}): {json.dumps(phases.summary())}", flush=True)
 
 
-try:
-    import pytorch_lightning as pl
-except ImportError:  # the bare step's process needs only Phases
-    pl = None
+class PhaseProbe(pl.Callback):
+    """Marks at Lightning's hooks for `steps` steps from global step `start`. In automatic
+    optimization the order is: batch start, training_step, zero_grad, backward, the
+    optimizer's update, batch end; then the loop fetches and transfers the next batch."""
 
-if pl is not None:
-    class PhaseProbe(pl.Callback):
-        """Marks at Lightning's hooks for `steps` steps from global step `start`. In automatic
-        optimization the order is: batch start, training_step, zero_grad, backward, the
-        optimizer's update, batch end; then the loop fetches and transfers the next batch."""
+    def __init__(self, start: int = 110, steps: int = 30):
+        self.start, self.steps = start, steps
+        self._phases: Phases | None = None
 
-        def __init__(self, start: int = 110, steps: int = 30):
-            self.start, self.steps = start, steps
-            self._phases: Phases | None = None
+    def _mark(self, name: str) -> None:
+        if self._phases is not None:
+            self._phases.mark(name)
 
-        def _mark(self, trainer: pl.Trainer, name: str) -> None:
-            if self._phases is not None:
-                self._phases.mark(name)
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._phases is None and trainer.global_step == self.start:
+            self._phases = Phases()
+        self._mark("batch_start")
 
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            if self._phases is None and trainer.global_step == self.start:
-                self._phases = Phases()
-            self._mark(trainer, "batch_start")
+    def on_before_zero_grad(self, *args: Any) -> None:
+        self._mark("zero_grad")
 
-        def on_before_zero_grad(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._mark(trainer, "zero_grad")
+    def on_before_backward(self, *args: Any) -> None:
+        self._mark("backward")
 
-        def on_before_backward(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._mark(trainer, "backward")
+    def on_after_backward(self, *args: Any) -> None:
+        self._mark("after_backward")
 
-        def on_after_backward(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._mark(trainer, "after_backward")
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self._mark("update")
 
-        def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._mark(trainer, "update")
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            if self._phases is None:
-                return
-            self._mark(trainer, "batch_end")
-            self._phases.end_step()
-            if len(self._phases.steps) > self.steps:
-                report(f"main.py, steps {self.start}-{trainer.global_step - 1}", self._phases)
-                self._phases = None
-                self.start = -1  # once
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._phases is None:
+            return
+        self._mark("batch_end")
+        self._phases.end_step()
+        if len(self._phases.steps) > self.steps:
+            report(f"main.py, steps {self.start}-{trainer.global_step - 1}", self._phases)
+            self._phases = None
+            self.start = -1  # once
