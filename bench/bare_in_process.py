@@ -9,7 +9,9 @@ than what target 2 measures. Here it runs on the same CPU placement and allocato
 it is compared with: `bench/train_step.py`'s step (`shared_step` under bf16 autocast, the
 trainer's own optimizer stepped with a closure, `zero_grad`) on random images of the run's
 buckets (its dataset_plan.json), each bucket once first, then as often as the plan has batches
-of each; with bench/phase_probe.py's marks, to set beside main.py's phase probe line. Prints
+of each; with bench/phase_probe.py's marks, to set beside main.py's phase probe line; after
+the last checkpoint's background write is done (runs R and S of the sixteenth session timed
+it while that write went on). Prints
 `bare in process: {...}` (img/s, ms/step and the phases). It trains the run's model on noise
 after its last checkpoint: for bench runs only.
 """
@@ -45,6 +47,9 @@ class BareInProcess(pl.Callback):
         if not (torch.cuda.is_available() or self.on_cpu):
             print("bare in process: not run (no GPU; on_cpu: true runs it)", flush=True)
             return
+        writes = getattr(trainer.strategy.checkpoint_io, "wait", None)
+        if writes is not None:  # the last checkpoint's background write would share the host
+            writes()
         pl_module.train()
         model, n = pl_module, self.batch_size
         batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[:n]).to(model.device), "caption": CAPTIONS[:n]}
