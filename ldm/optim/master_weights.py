@@ -47,7 +47,6 @@ class MasterWeights:
     def __init__(self, module: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.names: dict[str, nn.Parameter] = {}
         self.master: dict[nn.Parameter, torch.Tensor] = {}
-        self.version = 0  # counts place()'s replacements: AdamWMaster's launch plans hold the masters' addresses
         self._placed = False
         for name, p in module.named_parameters():
             if p.dtype != torch.float32:
@@ -80,7 +79,6 @@ class MasterWeights:
         for p, master in self.master.items():
             if master.device != p.device or master.stride() != p.stride():
                 self.master[p] = torch.empty_like(p, dtype=torch.float32).copy_(master)
-                self.version += 1
         self._placed = True
 
 
@@ -105,11 +103,9 @@ class AdamWMaster(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.masters: MasterWeights | None = None  # use()
-        self._plans: dict[tuple[int, ...], _Plan] = {}  # by the ids of a step's weights
 
     def use(self, masters: MasterWeights) -> None:
         self.masters = masters
-        self._plans.clear()
 
     def _master(self, p: torch.Tensor) -> torch.Tensor:
         if p.dtype == torch.float32:
@@ -137,7 +133,6 @@ class AdamWMaster(torch.optim.Optimizer):
                     state["step"] = 0
                     for k in self.MOMENTS:
                         state[k] = torch.zeros_like(p, dtype=torch.float32)
-                    self._plans.clear()  # new moment tensors
                 state["step"] += 1
                 by_step.setdefault((state["step"], p.device), []).append(p)
             for (t, device), params in by_step.items():
@@ -152,20 +147,20 @@ class AdamWMaster(torch.optim.Optimizer):
     def _step(self, params: list[torch.Tensor], t: int, device: torch.device, lr: float, b1: float, b2: float,
               eps: float, wd: float) -> None:
         """The weights the Triton kernel takes in one launch per kind (with a bf16 copy, or fp32
-        weights that are their own masters), the rest fused. Which is which, and the kernel's
-        table of addresses, are planned once and kept while they hold (_Plan.holds): the host's
-        walk over every weight's tensors took ~10 ms per SD 1.x step while the GPU waited."""
-        grads = [p.grad for p in params]
-        key = tuple(map(id, params))
-        plan = self._plans.get(key)
-        if plan is None or not plan.holds(params, grads, self.masters):
-            if len(self._plans) >= 8:  # a changing set of weights with gradients: keep the latest few
-                self._plans.clear()
-            plan = self._plans[key] = _Plan(self, params)
-        for launch, kernel in plan.launches:
-            launch([grads[i] for i in kernel], lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=0)  # no random rounding
-        if plan.rest:
-            self._step_fused([params[i] for i in plan.rest], t, device, lr, b1, b2, eps, wd)
+        weights that are their own masters), the rest fused."""
+        kernel: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        rest = []
+        for p in params:
+            w, state = self._master(p), self.state[p]
+            tensors = (w, p.grad, state["exp_avg"], state["exp_avg_sq"]) + ((p,) if w is not p else ())
+            if triton_adamw.qualifies(tensors):
+                kernel.setdefault(len(tensors), []).append(tensors)
+            else:
+                rest.append(p)
+        for weights in kernel.values():
+            triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=0)  # nothing rounds at random
+        if rest:
+            self._step_fused(rest, t, device, lr, b1, b2, eps, wd)
 
     def _step_fused(self, params: list[torch.Tensor], t: int, device: torch.device, lr: float, b1: float,
                     b2: float, eps: float, wd: float) -> None:
@@ -184,7 +179,6 @@ class AdamWMaster(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts each floating state tensor to its parameter's dtype (bf16 here): keep the moments fp32."""
         moments = {i: {k: s[k] for k in self.MOMENTS if k in s} for i, s in state_dict["state"].items()}
-        self._plans.clear()  # new moment tensors
         super().load_state_dict(state_dict)
         saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         ours = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
@@ -192,35 +186,3 @@ class AdamWMaster(torch.optim.Optimizer):
             for k, value in moments.get(i, {}).items():
                 self.state[p][k] = torch.empty_like(p, dtype=torch.float32).copy_(value)
 
-
-class _Plan:
-    """AdamWMaster's update of one list of weights: which go to the Triton kernel, in one
-    launch per kind, with their addresses (triton_adamw.Launch), and which to the fused path.
-    It holds while each weight's memory, its master and its moments are the tensors it was
-    made with, and each kernel weight's gradient has the layout it had: the weights' addresses
-    are compared every step (module.to() moves them), the masters' replacements are counted
-    (MasterWeights.version), and making moments (a weight's first step, load_state_dict) drops
-    the plans."""
-
-    def __init__(self, opt: AdamWMaster, params: list[torch.Tensor]):
-        kernel: dict[int, list[int]] = {}
-        tensors = []
-        self.rest: list[int] = []
-        for i, p in enumerate(params):
-            w, state = opt._master(p), opt.state[p]
-            tensors.append((w, p.grad, state["exp_avg"], state["exp_avg_sq"]) + ((p,) if w is not p else ()))
-            if triton_adamw.qualifies(tensors[-1]):
-                kernel.setdefault(len(tensors[-1]), []).append(i)
-            else:
-                self.rest.append(i)
-        self.launches = [(triton_adamw.Launch([tensors[i] for i in ids]), ids) for ids in kernel.values()]
-        self.grad_layouts = [(i, tensors[i][1].stride(), tensors[i][1].dtype) for ids in kernel.values() for i in ids]
-        self.addresses = [p.data_ptr() for p in params]
-        self.masters_version = None if opt.masters is None else opt.masters.version
-
-    def holds(self, params: list[torch.Tensor], grads: list[torch.Tensor], masters: MasterWeights | None) -> bool:
-        if (None if masters is None else masters.version) != self.masters_version:
-            return False
-        if [p.data_ptr() for p in params] != self.addresses:
-            return False
-        return all(grads[i].stride() == stride and grads[i].dtype is dtype for i, stride, dtype in self.grad_layouts)

@@ -146,39 +146,29 @@ def _block_map(device: torch.device, numels: tuple[int, ...], chunk: int) -> tup
                  ((numels, torch.int64), (weight, torch.int32), (start, torch.int32)))
 
 
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor on device, copied from pinned memory without waiting for the GPU."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def adamw_(weights: list[Tensors], *, lr: float, b1: float, b2: float, eps: float, wd: float, step: int,
            seed: int) -> None:
     """One AdamW step of every (weight, gradient, m, v) or (weight, gradient, m, v, copy) in
     `weights`, in one launch. All must qualify, be alike (dtypes, copy or not) and on one
     device, at optimizer step `step` (1 on the first). `seed` keys the stochastic rounding of
     bf16 values: draw a new one per launch."""
-    Launch(weights)([t[1] for t in weights], lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=step, seed=seed)
-
-
-class Launch:
-    """adamw_ over the same weights step after step (adamw_master): the addresses of all but
-    the gradients kept in a host table and the block map built once, so that a step costs the
-    host the gradients' addresses and one launch. The caller keeps it only while the weights,
-    masters and moments are the same tensors in the same memory."""
-
-    def __init__(self, weights: list[Tensors]):
-        w0 = weights[0][0]
-        self.device, self.columns = w0.device, len(weights[0])
-        kinds = {BF16: tl.bfloat16, FP32: tl.float32}
-        self.dtypes = kinds[w0.dtype], kinds[weights[0][1].dtype]  # the weight's (and m's, v's), the gradient's
-        self.maps = _block_map(w0.device, tuple(t[0].numel() for t in weights), CHUNK)
-        self.table = torch.tensor([x.data_ptr() for t in weights for x in t], dtype=torch.int64)
-        self.written = [x for t in weights for i, x in enumerate(t) if i != 1]
-
-    def __call__(self, grads: list[torch.Tensor], *, lr: float, b1: float, b2: float, eps: float, wd: float,
-                 step: int, seed: int) -> None:
-        seed = (1 << 32) + seed % (1 << 61)  # always an int64 argument: a seed that fit int32 would compile anew
-        self.table.view(-1, self.columns)[:, 1] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-        table = self.table.to(self.device) if self.device.type != "cuda" else \
-            self.table.pin_memory().to(self.device, non_blocking=True)  # a copy: the next step may refill the table
-        numels, block_weight, block_start = self.maps
-        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-        _adamw_kernel[(len(block_weight),)](
-            table, numels, block_weight, block_start, lr / bc1, 1 - lr * wd, 1 - b1, b2, 1 - b2, eps, bc2, seed,
-            DTYPE=self.dtypes[0], GRAD=self.dtypes[1], COLUMNS=self.columns, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=8)
-        torch.autograd.graph.increment_version(self.written)  # written behind torch's back
+    seed = (1 << 32) + seed % (1 << 61)  # always an int64 argument: a seed that fit int32 would compile anew
+    w0 = weights[0][0]
+    numels, block_weight, block_start = _block_map(w0.device, tuple(t[0].numel() for t in weights), CHUNK)
+    table = _to_device([x.data_ptr() for t in weights for x in t], w0.device)
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    dtype = {BF16: tl.bfloat16, FP32: tl.float32}
+    _adamw_kernel[(len(block_weight),)](
+        table, numels, block_weight, block_start, lr / bc1, 1 - lr * wd, 1 - b1, b2, 1 - b2, eps, bc2, seed,
+        DTYPE=dtype[w0.dtype], GRAD=dtype[weights[0][1].dtype], COLUMNS=len(weights[0]), BLOCK=BLOCK, CHUNK=CHUNK,
+        num_warps=8)
+    written = [x for t in weights for i, x in enumerate(t) if i != 1]
+    torch.autograd.graph.increment_version(written)  # written behind torch's back
