@@ -200,14 +200,14 @@ def out_of_memory_advice(cfg: DictConfig, error: BaseException, logdir: Path) ->
     unet = "model.params.unet_config.params.use_checkpoint"
     batch = OmegaConf.select(cfg, "data.params.batch_size")
     checkpointing = bool(OmegaConf.select(cfg, unet, default=False))
-    steps = [f"lower data.params.batch_size (now {batch})"]
+    fixes = [f"lower data.params.batch_size (now {batch})"]
     if not checkpointing:
-        steps.append(f"set {unet}=true (gradient checkpointing: an SD 1.x step at batch 6 peaks at ~14.2 GiB "
+        fixes.append(f"set {unet}=true (gradient checkpointing: an SD 1.x step at batch 6 peaks at ~14.2 GiB "
                      f"instead of ~17.2, and runs 1.3-1.9x slower)")
-    steps.append("or merge a memory preset after the base config (configs/stable-diffusion/presets/vram_12gb.yaml "
+    fixes.append("or merge a memory preset after the base config (configs/stable-diffusion/presets/vram_12gb.yaml "
                  "or vram_6gb.yaml)")
     return (f"the GPU ran out of memory ({str(error).splitlines()[0] if str(error) else 'torch.OutOfMemoryError'}). "
-            f"To fit: {'; '.join(steps)}. The run folder {logdir} keeps what was saved so far.")
+            f"To fit: {'; '.join(fixes)}. The run folder {logdir} keeps what was saved so far.")
 
 
 def say(text: str) -> None:
