@@ -1,0 +1,71 @@
+"""Where main.py's pauses go, call by call, without adding a sync (issue: performance, target 2).
+
+    lightning: {callbacks: {pause_probe: {target: bench.pause_probe.PauseProbe}}}
+    E2E_OVERRIDES="bench/configs/end_to_end.yaml bench/configs/pause_probe.yaml" bash bench/end_to_end.sh
+
+At setup it wraps the hooks of the other callbacks, the module's validation_step and the
+checkpoint IO's save_checkpoint in a host clock, and notes every call that takes over
+`min_ms` milliseconds, with the global step. GPU work shows where the host waits for it (a
+grid's `.cpu()`, the checkpoint's copy, the metrics read back at the end of validation),
+not where it was queued. It also notes the gaps between consecutive training batches that
+took over 1.5x the median. At the end of training it prints one line per gap: its seconds
+and the slow calls inside it, so the gap's parts add up (less the step itself).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+
+
+class PauseProbe(pl.Callback):
+    def __init__(self, min_ms: float = 50.0):
+        self.min_s = min_ms / 1000
+        self.calls: list[tuple[int, str, float, float]] = []  # (global step, name, start, seconds)
+        self.batch_starts: list[tuple[int, float]] = []
+        self._trainer: pl.Trainer | None = None
+
+    def _wrap(self, owner: Any, attr: str, name: str) -> None:
+        original: Callable = getattr(owner, attr)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                if seconds >= self.min_s:
+                    step = self._trainer.global_step if self._trainer is not None else -1
+                    self.calls.append((step, name, start, seconds))
+        setattr(owner, attr, timed)  # an instance attribute: the class and other instances are untouched
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        for cb in trainer.callbacks:
+            if cb is self:
+                continue
+            for attr in dir(type(cb)):
+                if attr.startswith("on_") and getattr(type(cb), attr) is not getattr(pl.Callback, attr, None):
+                    self._wrap(cb, attr, f"{type(cb).__name__}.{attr}")
+        self._wrap(pl_module, "validation_step", "validation_step")
+        self._wrap(trainer.strategy.checkpoint_io, "save_checkpoint", "save_checkpoint")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.batch_starts.append((trainer.global_step, time.perf_counter()))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        periods = [(b[1] - a[1], a[0], a[1], b[1]) for a, b in zip(self.batch_starts, self.batch_starts[1:])]
+        if not periods:
+            return
+        median = statistics.median(p[0] for p in periods)
+        for seconds, step, start, end in periods:
+            if seconds < 1.5 * median:
+                continue
+            inside = [(name, round(s, 3)) for _, name, t, s in self.calls if start <= t < end]
+            print("pause probe: " + json.dumps({"step": step, "seconds": round(seconds, 3),
+                                                "median_step_s": round(median, 4), "calls": inside}), flush=True)
