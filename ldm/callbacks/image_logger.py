@@ -15,11 +15,13 @@ on; the end of the run waits for it, and a failed write stops the run at the nex
 
 Prompts file: one prompt per line; blank lines and lines starting with `#` are skipped.
 Options follow the prompt (the kohya-ss sample-prompt syntax):
-    a well-lit photo of a cat --n blurry, lowres --w 512 --h 768 --d 42 --s 30 --l 6.5
+    a well-lit photo of a cat --n blurry, lowres --w 512 --h 768 --d 42 --s 30 --l 6.5 --ss ddim
     --n negative prompt   --w / --h width / height in pixels   --d seed   --s steps   --l guidance
+    --ss sampler: dpmpp_2m (DPM++ 2M; kohya's dpmsolver++) or ddim
 Width and height are rounded down to a multiple of 8 latent pixels (64 px for SD).
 
-Sampling runs in eval mode, without gradients, with the EMA weights if the model keeps
+Samplers: DDIM (40 steps unless `steps` says otherwise) or DPM-Solver++(2M) (20), for the
+logger (`sampler`) or per prompt (`--ss`). Sampling runs in eval mode, without gradients, with the EMA weights if the model keeps
 them, and leaves the module's train/eval flags and the torch CPU/CUDA RNG states exactly
 as it found them, so a run with samples trains the same as one without.
 """
@@ -41,7 +43,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ldm.callbacks.writer import WriterThread
-from ldm.models.diffusion.txt2img import latent_factor, txt2img
+from ldm.models.diffusion.txt2img import SAMPLERS, latent_factor, sampler_name, txt2img
 
 GRID_COLUMNS = 4
 
@@ -58,11 +60,12 @@ class SamplePrompt:
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    sampler: str | None = None
 
     def to_line(self) -> str:
         """Back to the prompts-file syntax (the .txt beside each grid)."""
         options = [("n", self.negative_prompt), ("w", self.width), ("h", self.height),
-                   ("d", self.seed), ("s", self.steps), ("l", self.guidance_scale)]
+                   ("d", self.seed), ("s", self.steps), ("l", self.guidance_scale), ("ss", self.sampler)]
         return " ".join([self.prompt] + [f"--{key} {value}" for key, value in options if value is not None])
 
 
@@ -81,7 +84,7 @@ def parse_prompt_line(line: str, multiple: int = 64, max_steps: int = 999, where
     for key, raw in zip(pairs[0::2], pairs[1::2]):
         value = raw.strip()
         if key not in _PARSERS:
-            raise ValueError(f"{where}: unknown option --{key} (known: --n, --w, --h, --d, --s, --l)")
+            raise ValueError(f"{where}: unknown option --{key} (known: --n, --w, --h, --d, --s, --l, --ss)")
         name, parse = _PARSERS[key]
         if name in fields:
             raise ValueError(f"{where}: option --{key} given twice")
@@ -137,6 +140,7 @@ _PARSERS = {
     "d": ("seed", _seed),
     "s": ("steps", _steps),
     "l": ("guidance_scale", _guidance),
+    "ss": ("sampler", lambda value, multiple, max_steps: sampler_name(value)),
 }
 
 
@@ -200,11 +204,17 @@ def sampling_mode(pl_module: pl.LightningModule) -> Iterator[None]:
 # ---- the callback ------------------------------------------------------------------------
 class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency: int = 250, max_images: int = 8, prompts_file: str | None = None,
-                 steps: int = 40, guidance_scale: float = 7.5, seed: int = 1234, log_on_epoch_end: bool = True,
-                 negative_prompt: str = "", disabled: bool = False, logdir: str | None = None):
-        for name, value in (("batch_frequency", batch_frequency), ("max_images", max_images), ("steps", steps)):
+                 steps: int | None = None, guidance_scale: float = 7.5, seed: int = 1234,
+                 log_on_epoch_end: bool = True, negative_prompt: str = "", sampler: str = "ddim",
+                 disabled: bool = False, logdir: str | None = None):
+        counts = [("batch_frequency", batch_frequency), ("max_images", max_images)]
+        for name, value in counts + ([("steps", steps)] if steps is not None else []):  # steps None: the sampler's
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ImageLogger {name}: expected an integer >= 1, got {value!r}")
+        try:
+            self.sampler = sampler_name(sampler)
+        except ValueError as e:
+            raise ValueError(f"ImageLogger sampler: {e}") from None
         self.batch_frequency = batch_frequency
         self.max_images = max_images
         self.prompts_file = Path(prompts_file) if prompts_file else None
@@ -287,8 +297,9 @@ class ImageLogger(pl.Callback):
     def _batch_prompts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[SamplePrompt]:
         height, width = fit_size(*self._batch_hw, self._training_resolution(trainer, pl_module),
                                  self._multiple(pl_module))
-        return [SamplePrompt(caption, self.negative_prompt, width, height, self.seed + i, self.steps,
-                             self.guidance_scale) for i, caption in enumerate(self._captions)]
+        return [SamplePrompt(caption, self.negative_prompt, width, height, self.seed + i,
+                             self.steps or SAMPLERS[self.sampler][1], self.guidance_scale, self.sampler)
+                for i, caption in enumerate(self._captions)]
 
     def _resolve(self, p: SamplePrompt, index: int, pl_module: pl.LightningModule,
                  trainer: pl.Trainer) -> SamplePrompt:
@@ -299,9 +310,11 @@ class ImageLogger(pl.Callback):
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
+        sampler = pick(p.sampler, self.sampler)
+        steps = p.steps or (self.steps if sampler == self.sampler else None) or SAMPLERS[sampler][1]
         return SamplePrompt(p.prompt, pick(p.negative_prompt, self.negative_prompt), pick(p.width, side),
-                            pick(p.height, side), pick(p.seed, self.seed + index), pick(p.steps, self.steps),
-                            pick(p.guidance_scale, self.guidance_scale))
+                            pick(p.height, side), pick(p.seed, self.seed + index), steps,
+                            pick(p.guidance_scale, self.guidance_scale), sampler)
 
     def generate(self, pl_module: pl.LightningModule, prompts: Sequence[SamplePrompt],
                  trainer: pl.Trainer) -> list[Image.Image]:
@@ -318,7 +331,7 @@ class ImageLogger(pl.Callback):
         first = group[0]
         return txt2img(pl_module, [p.prompt for p in group], [p.seed for p in group], height=first.height,
                        width=first.width, steps=first.steps, guidance_scale=first.guidance_scale,
-                       negative_prompt=first.negative_prompt, autocast=trainer.precision_plugin.forward_context())
+                       negative_prompt=first.negative_prompt, sampler=first.sampler, autocast=trainer.precision_plugin.forward_context())
 
     def _save(self, trainer: pl.Trainer, kind: str, grid: Image.Image, prompts: Sequence[SamplePrompt]) -> None:
         """Queue the grid's PNG, its prompts and its TensorBoard image for the writer thread."""

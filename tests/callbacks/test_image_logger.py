@@ -19,9 +19,15 @@ from ldm.util import instantiate_from_config
 
 
 def test_parse_prompt_line_all_options():
-    p = parse_prompt_line("a well-lit photo of a cat  --n blurry, low-res --w 700 --h 512 --d 42 --s 30 --l 6.5")
-    assert p == SamplePrompt("a well-lit photo of a cat", "blurry, low-res", 640, 512, 42, 30, 6.5)
+    p = parse_prompt_line("a well-lit photo of a cat  --n blurry, low-res --w 700 --h 512 --d 42 --s 30 --l 6.5"
+                          " --ss ddim")
+    assert p == SamplePrompt("a well-lit photo of a cat", "blurry, low-res", 640, 512, 42, 30, 6.5, "ddim")
     assert parse_prompt_line(p.to_line()) == p
+
+
+def test_parse_prompt_line_takes_kohyas_sampler_name():
+    assert parse_prompt_line("a cat --ss dpmsolver++").sampler == "dpmpp_2m"
+    assert parse_prompt_line("a cat --ss dpmpp_2m").sampler == "dpmpp_2m"
 
 
 def test_parse_prompt_line_keeps_dashes_that_are_not_options():
@@ -43,6 +49,7 @@ def test_parse_prompt_line_defaults_and_multiple():
     ("a cat --l lots", r"prompts.txt:7: --l 'lots': expected a number"),
     ("a cat --l nan", r"prompts.txt:7: --l 'nan': expected a finite number"),
     ("a cat --q 3", r"prompts.txt:7: unknown option --q"),
+    ("a cat --ss euler_a", r"prompts.txt:7: --ss 'euler_a': unknown sampler 'euler_a' \(known: ddim, dpmpp_2m"),
     ("a cat --s 3 --s 4", r"prompts.txt:7: option --s given twice"),
     ("--s 3", r"prompts.txt:7: no prompt text"),
 ])
@@ -120,19 +127,19 @@ def test_batch_and_prompt_grids_are_written_and_the_prompts_file_reread(tiny_mod
     grid = load(out / "samples_gs-000002_e-00_batch.png")
     assert grid.size == (2 * 32, 32)  # max_images=2 captions, at the batch's 32x32 size
     assert (out / "samples_gs-000002_e-00_batch.txt").read_text().splitlines() == [
-        "cap one --n blurry --w 32 --h 32 --d 10 --s 2 --l 7.5",
-        "cap two --n blurry --w 32 --h 32 --d 11 --s 2 --l 7.5"]
+        "cap one --n blurry --w 32 --h 32 --d 10 --s 2 --l 7.5 --ss ddim",
+        "cap two --n blurry --w 32 --h 32 --d 11 --s 2 --l 7.5 --ss ddim"]
     first_prompts = load(out / "samples_gs-000002_e-00_prompts.png")
     assert first_prompts.size == (64, 32)
     assert (out / "samples_gs-000002_e-00_prompts.txt").read_text() == \
-        "a red square --n blurry --w 64 --h 32 --d 10 --s 3 --l 7.5\n"
+        "a red square --n blurry --w 64 --h 32 --d 10 --s 3 --l 7.5 --ss ddim\n"
 
     prompts.write_text("a red square --w 64 --h 32 --s 3\n\na tree --d 99 --l 1\n")  # edited mid-run
     logger.on_train_epoch_end(fake_trainer(tmp_path, 3, epoch=1), tiny_model)
     logger.wait()
     assert (out / "samples_gs-000003_e-01_prompts.txt").read_text().splitlines() == [
-        "a red square --n blurry --w 64 --h 32 --d 10 --s 3 --l 7.5",
-        "a tree --n blurry --w 32 --h 32 --d 99 --s 2 --l 1.0"]  # default size: image_size 8 x 4 px
+        "a red square --n blurry --w 64 --h 32 --d 10 --s 3 --l 7.5 --ss ddim",
+        "a tree --n blurry --w 32 --h 32 --d 99 --s 2 --l 1.0 --ss ddim"]  # default size: image_size 8 x 4 px
     second_prompts = load(out / "samples_gs-000003_e-01_prompts.png")
     assert second_prompts.size == (2 * 64, 32)
     # same seed and weights -> the same image in a later grid
@@ -201,6 +208,30 @@ def test_a_broken_prompts_file_fails_at_start_and_warns_mid_run(tiny_model, tmp_
     logger.wait()
     assert sorted(p.name for p in images_dir(tmp_path).iterdir()) == [
         "samples_gs-000001_e-00_batch.png", "samples_gs-000001_e-00_batch.txt"]
+
+
+@pytest.mark.parametrize("options, lines", [
+    ({}, ["a --n  --w 32 --h 32 --d 0 --s 40 --l 7.5 --ss ddim",
+          "b --n  --w 32 --h 32 --d 1 --s 20 --l 7.5 --ss dpmpp_2m",
+          "c --n  --w 32 --h 32 --d 2 --s 3 --l 7.5 --ss dpmpp_2m"]),
+    ({"sampler": "dpmpp_2m", "steps": 5}, ["a --n  --w 32 --h 32 --d 0 --s 5 --l 7.5 --ss dpmpp_2m",
+                                           "b --n  --w 32 --h 32 --d 1 --s 5 --l 7.5 --ss dpmpp_2m",
+                                           "c --n  --w 32 --h 32 --d 2 --s 3 --l 7.5 --ss dpmpp_2m"]),
+])
+def test_each_prompt_gets_a_sampler_and_steps(tiny_model, tmp_path, options, lines):
+    """DDIM at 40 steps by default; a prompt's --ss picks another sampler at that sampler's
+    default steps, unless the logger's sampler and steps or the prompt's --s say otherwise."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb --ss dpmsolver++\nc --ss dpmpp_2m --s 3\n")
+    logger = ImageLogger(batch_frequency=1, seed=0, prompts_file=str(prompts), logdir=str(tmp_path), **options)
+    logger.log_samples(fake_trainer(tmp_path, 1), tiny_model)
+    logger.wait()
+    assert (images_dir(tmp_path) / "samples_gs-000001_e-00_prompts.txt").read_text().splitlines() == lines
+
+
+def test_an_unknown_sampler_is_named():
+    with pytest.raises(ValueError, match=r"ImageLogger sampler: unknown sampler 'euler' \(known: ddim, dpmpp_2m"):
+        ImageLogger(sampler="euler")
 
 
 def test_batch_size_comes_from_latents_and_is_capped(tiny_model, tmp_path):

@@ -1,5 +1,6 @@
-"""Text to images with a LatentDiffusion model: encode prompts, DDIM with classifier-free
-guidance, decode. Used by the ImageLogger, the demo and the tiny model's quality checks.
+"""Text to images with a LatentDiffusion model: encode prompts, sample with classifier-free
+guidance (DDIM or DPM-Solver++(2M)), decode. Used by the ImageLogger, the demo and the tiny
+model's quality checks.
 """
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+
+# name -> (sampler, its default number of steps). DPM-Solver++(2M) is second order where DDIM is
+# first (tests/models/test_dpm_solver.py), so it needs fewer steps for the same error; how few
+# depends on the model and the guidance (doc/PERFORMANCE.md: on the tiny model at guidance 7.5,
+# 20 of its steps were not as near the ODE's solution as 40 of DDIM's).
+SAMPLERS = {"ddim": (DDIMSampler, 40), "dpmpp_2m": (DPMSolverSampler, 20)}
+ALIASES = {"dpmsolver++": "dpmpp_2m"}  # kohya's sample-prompt name
+
+
+def sampler_name(name: str) -> str:
+    """The canonical name of a sampler (an alias resolved); ValueError naming the known ones."""
+    name = ALIASES.get(name, name)
+    if name not in SAMPLERS:
+        known = ", ".join(list(SAMPLERS) + [f"{a} (= {n})" for a, n in ALIASES.items()])
+        raise ValueError(f"unknown sampler {name!r} (known: {known})")
+    return name
 
 
 def latent_factor(model: torch.nn.Module) -> int:
@@ -19,18 +37,21 @@ def latent_factor(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def txt2img(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
-            steps: int = 40, guidance_scale: float = 7.5, negative_prompt: str = "",
-            autocast: ContextManager | None = None) -> list[Image.Image]:
+            steps: int | None = None, guidance_scale: float = 7.5, negative_prompt: str = "",
+            sampler: str = "ddim", autocast: ContextManager | None = None) -> list[Image.Image]:
     """One image per prompt, its start noise from a CPU generator seeded by its seed, so an
-    image does not depend on the device or on what it is batched with. `autocast` is the
-    context for the text encoder and UNet (the VAE decodes in its own precision)."""
+    image does not depend on the device or on what it is batched with. `sampler`: a name of
+    SAMPLERS (or ALIASES); `steps` None: its default. `autocast` is the context for the text
+    encoder and UNet (the VAE decodes in its own precision)."""
+    sampler_class, default_steps = SAMPLERS[sampler_name(sampler)]
     factor = latent_factor(model)
     shape = (len(prompts), model.channels, height // factor, width // factor)
     x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     with autocast or nullcontext():
         cond = model.get_learned_conditioning(list(prompts))               # [B,77,D]
         uncond = model.get_learned_conditioning([negative_prompt])         # [1,77,D]
-        z = DDIMSampler(model).sample(cond, uncond, shape, steps=steps, guidance_scale=guidance_scale, x_T=x_T)
+        z = sampler_class(model).sample(cond, uncond, shape, steps=steps or default_steps,
+                                        guidance_scale=guidance_scale, x_T=x_T)
     vae_dtype = next(model.first_stage_model.parameters()).dtype
     images = []
     for z_i in z:  # one at a time, in the VAE's own precision: the decoder is the memory peak
