@@ -14,6 +14,8 @@ alternatives, each twice (the second save of a run may reuse what the first allo
   flat       one page-locked buffer (the whole state is fp32 here), the tensors as views,
              kept between saves
 
+    python bench/checkpoint_copy.py --io /tmp    # BackgroundCheckpointIO itself (through_io)
+
 The state: the UNet's fp32 weights and AdamW's two moments (3 x 0.86 B elements) plus the
 frozen VAE and text encoder, as tensors of the real shapes. Prints one JSON line per variant
 and round: seconds and GB/s. Every variant holds a full host copy (~11 GB; pinned and flat
@@ -76,13 +78,51 @@ def flat(state, keep, device):
     return keep
 
 
+def through_io(state: list[torch.Tensor], device: str, folder: str) -> None:
+    """What the run does: BackgroundCheckpointIO's reserve (the writer thread allocates, touches and,
+    with the free memory for it, page-locks the host memory), then two saves. Each prints the
+    seconds the save call held the training thread, the seconds until the file was written, and
+    whether the file holds the values at save time although every tensor was changed in place right
+    after the call (the next optimizer step, queued behind the copies)."""
+    from pathlib import Path
+
+    from ldm.callbacks.checkpointing import BackgroundCheckpointIO
+
+    io = BackgroundCheckpointIO()
+    t0 = time.perf_counter()
+    assert io.reserve(state), "not enough free host memory to reserve the copy"
+    io._reserved.result()
+    emit({"variant": "io", "reserve_s": round(time.perf_counter() - t0, 3)})
+    probes = [0, len(state) // 2, max(range(len(state)), key=lambda i: state[i].numel())]
+    for round_ in (1, 2):
+        before = {i: state[i].clone() for i in probes}
+        path = Path(folder) / f"checkpoint_copy_{round_}.ckpt"
+        sync(device)
+        t0 = time.perf_counter()
+        io.save_checkpoint({"state": state}, path)
+        called = time.perf_counter() - t0
+        torch._foreach_add_(state, 1.0)  # the next step's update, in place, queued behind the copies
+        io.wait()
+        written = time.perf_counter() - t0
+        pinned = any(arena.pinned for arena in io._arenas)
+        loaded = torch.load(path, weights_only=True)["state"]
+        same = all(torch.equal(loaded[i], before[i].cpu()) for i in probes)
+        path.unlink()
+        emit({"variant": "io", "round": round_, "pinned": pinned, "save_call_s": round(called, 3),
+              "written_s": round(written, 1), "file_holds_the_state_at_save_time": same})
+    io.teardown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each tensor's size (smoke runs)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--variants", nargs="+", default=["pageable", "reused", "pinned", "flat"])
+    p.add_argument("--io", metavar="FOLDER", help="instead: BackgroundCheckpointIO's reserve and two saves into FOLDER")
     args = p.parse_args()
     state = sd1_state(args.scale, args.device)
+    if args.io:
+        return through_io(state, args.device, args.io)
     nbytes = sum(t.numel() * t.element_size() for t in state)
     for name in args.variants:
         fn = globals()[name]

@@ -11,8 +11,10 @@
   for the next save, which copies into it (an SD 1.x full fine-tune's 11 GB: 0.8 s instead of
   7-8 s into fresh memory on an H200, doc/PERFORMANCE.md); it is freed at the end of the run.
   For the run's first save, `reserve` allocates and touches that memory from the writer
-  thread while training goes on. Without the host memory for the copy it writes in place,
-  as `AtomicCheckpointIO`.
+  thread while training goes on, page-locked for CUDA when the host has twice its size free
+  (host_arena.py): the copies from the GPU are then queued on the stream rather than waited
+  for, and the writer thread waits for them. Without the host memory for the copy it writes
+  in place, as `AtomicCheckpointIO`.
 * `RunCheckpoint` is Lightning's ModelCheckpoint with `last.ckpt` written at the end of
   training too, whatever the save interval, and the first save's host memory reserved
   after the first optimizer step (once the optimizer's state exists).
@@ -38,6 +40,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ldm.callbacks.host_arena import HostArena
 from ldm.callbacks.writer import WriterThread
 
 
@@ -78,6 +81,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._copies: dict[tuple, torch.Tensor] = {}  # the latest save's host copies, by tensor identity
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # host tensors no write uses, by (shape, dtype)
         self._reserved: Future | None = None  # reserve(): the writer thread touching host tensors
+        self._arenas: list[HostArena] = []  # reserved memory, unregistered at teardown
 
     def reserve(self, tensors: Iterable[torch.Tensor]) -> bool:
         """Allocate host tensors for a copy of `tensors` (the next checkpoint's) and write
@@ -91,7 +95,8 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         free = _available_host_memory()
         if free is not None and needed * 1.25 >= free:
             return False
-        self._reserved = self._writer.call(_touched_host_tensors, layouts)
+        pin = free is not None and needed * 2 < free  # page-locked memory cannot be swapped out: ample room only
+        self._reserved = self._writer.call(_touched_host_tensors, layouts, pin)
         return True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -111,7 +116,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         copies: dict[tuple, torch.Tensor] = {}
         host = apply_to_collection(checkpoint, torch.Tensor, _host_copy, self._copies, copies, self._spare)
         self._copies, self._spare = copies, {}  # spare tensors this state had no use for are freed
-        self._writer.submit(path, atomic_torch_save, host, path)
+        copied = None  # copies into page-locked memory are queued on the stream: the writer waits for them
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            copied = torch.cuda.Event()
+            copied.record()
+        self._writer.submit(path, _save_when_copied, copied, host, path)
 
     def remove_checkpoint(self, path: Any) -> None:
         self._writer.submit(path, super().remove_checkpoint, path)  # after the writes queued before it
@@ -124,20 +133,26 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         try:
             self._writer.shutdown()
         finally:
-            self._copies, self._spare, self._reserved = {}, {}, None
+            if self._reserved is not None:
+                self._take_reserved()  # done by now (the writer has shut down): its arena to release
+            for arena in self._arenas:
+                arena.release()
+            self._copies, self._spare, self._reserved, self._arenas = {}, {}, None, []
 
     def _take_reserved(self) -> None:
         """Add the reserved host tensors to the spare ones (waiting if they are still being touched)."""
         if self._reserved is None:
             return
         try:
-            reserved = self._reserved.result()
+            arena = self._reserved.result()
         except Exception as e:  # e.g. MemoryError: this save copies into fresh memory instead
             rank_zero_warn(f"could not reserve host memory for the checkpoint copy: {e}")
-            reserved = {}
+            arena = None
         self._reserved = None
-        for layout, tensors in reserved.items():
-            self._spare.setdefault(layout, []).extend(tensors)
+        if arena is not None:
+            self._arenas.append(arena)
+            for layout, tensors in arena.tensors.items():
+                self._spare.setdefault(layout, []).extend(tensors)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -157,13 +172,16 @@ def _by_layout(tensors: Any) -> dict[tuple, list[torch.Tensor]]:
     return spare
 
 
-def _touched_host_tensors(layouts: list[tuple]) -> dict[tuple, list[torch.Tensor]]:
-    """Zero-filled host tensors of these (shape, dtype) layouts: the fill writes every page,
-    so the copy into them later faults none in."""
-    spare: dict[tuple, list[torch.Tensor]] = {}
-    for shape, dtype in layouts:
-        spare.setdefault((shape, dtype), []).append(torch.zeros(shape, dtype=dtype))
-    return spare
+def _touched_host_tensors(layouts: list[tuple], pin: bool) -> HostArena:
+    """Zero-filled host tensors of these (shape, dtype) layouts, page-locked with `pin` where
+    CUDA allows: the fill writes every page, so the copy into them later faults none in."""
+    return HostArena(layouts, pin)
+
+
+def _save_when_copied(copied: torch.cuda.Event | None, checkpoint: dict[str, Any], path: Any) -> None:
+    if copied is not None:
+        copied.synchronize()  # the queued copies from the GPU have landed
+    atomic_torch_save(checkpoint, path)
 
 
 def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dict[tuple, torch.Tensor],
@@ -174,8 +192,8 @@ def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dic
     if key not in copies:
         if key in previous:
             copies[key] = previous[key]
-        elif spare and spare.get(_layout(t)):
-            copies[key] = spare[_layout(t)].pop().copy_(t.detach())
+        elif spare and spare.get(_layout(t)):  # non_blocking: queued when the memory is page-locked
+            copies[key] = spare[_layout(t)].pop().copy_(t.detach(), non_blocking=t.is_cuda)
         else:
             copies[key] = t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)  # channels_last too
     return copies[key]

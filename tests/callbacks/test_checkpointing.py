@@ -169,7 +169,7 @@ def test_the_first_save_copies_into_host_memory_reserved_in_the_writer_thread(tm
     touched = []
     real_touch = ckpt._touched_host_tensors
     monkeypatch.setattr(ckpt, "_touched_host_tensors",
-                        lambda layouts: touched.append(threading.current_thread().name) or real_touch(layouts))
+                        lambda layouts, pin: touched.append(threading.current_thread().name) or real_touch(layouts, pin))
     saved = _saved_objects(monkeypatch)
     fresh = []
     real_to = torch.Tensor.to
@@ -196,8 +196,44 @@ def test_no_reservation_without_the_free_memory_for_it(tmp_path, monkeypatch):
     io.teardown()
 
 
+def test_reserved_copies_of_several_dtypes_are_written_each_at_its_own_size(tmp_path):
+    """The reserved host memory is one buffer; the file must not hold it whole, nor refuse
+    tensors of different dtypes over it."""
+    io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
+    ckpt_dict["state_dict"]["h"] = torch.arange(5, dtype=torch.bfloat16)
+    ckpt_dict["optimizer_states"][0]["state"][0]["step"] = torch.tensor(7, dtype=torch.int64)
+    ckpt_dict["state_dict"]["mask"] = torch.tensor([True, False, True])
+    tensors = [*ckpt_dict["state_dict"].values(), *ckpt_dict["optimizer_states"][0]["state"][0].values()]
+    assert io.reserve(tensors)
+    io.save_checkpoint(ckpt_dict, tmp_path / "mixed.ckpt")
+    io.teardown()
+    loaded = torch.load(tmp_path / "mixed.ckpt", weights_only=False)
+    for name, t in [*loaded["state_dict"].items(), *loaded["optimizer_states"][0]["state"][0].items()]:
+        expected = ckpt_dict["state_dict"].get(name, ckpt_dict["optimizer_states"][0]["state"][0].get(name))
+        assert torch.equal(t, expected) and t.dtype == expected.dtype, name
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+@pytest.mark.parametrize("free, pin", [(2 * 512 + 1, True), (2 * 512, False), (700, False)])
+def test_the_reserved_memory_is_page_locked_only_with_twice_its_size_free(tmp_path, monkeypatch, free, pin):
+    asked, released = [], []
+    real_touch = ckpt._touched_host_tensors
+
+    def touch(layouts, pin):
+        asked.append(pin)
+        arena = real_touch(layouts, False)  # no CUDA here: ordinary memory, released all the same
+        monkeypatch.setattr(arena, "release", lambda: released.append(arena))
+        return arena
+    monkeypatch.setattr(ckpt, "_touched_host_tensors", touch)
+    monkeypatch.setattr(ckpt, "_available_host_memory", lambda: free)  # bytes: the copy needs 2 x 256
+    io, ckpt_dict = BackgroundCheckpointIO(), state(1.0)
+    assert io.reserve([ckpt_dict["state_dict"]["w"], ckpt_dict["optimizer_states"][0]["state"][0]["exp_avg"]])
+    io.teardown()  # a reservation no save took is released too
+    assert asked == [pin] and len(released) == 1
+
+
 def test_a_failed_reservation_only_costs_the_first_save_fresh_memory(tmp_path, monkeypatch):
-    def no_memory(layouts):
+    def no_memory(layouts, pin):
         raise MemoryError("cannot allocate")
     monkeypatch.setattr(ckpt, "_touched_host_tensors", no_memory)
     io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
@@ -230,9 +266,9 @@ def test_run_checkpoint_reserves_the_first_saves_memory_after_the_first_step(tmp
     reserved, steps_at_reserve = [], []
     real_touch = ckpt._touched_host_tensors
 
-    def touch(layouts):
-        out = real_touch(layouts)
-        reserved.extend(t for ts in out.values() for t in ts)
+    def touch(layouts, pin):
+        out = real_touch(layouts, pin)
+        reserved.extend(t for ts in out.tensors.values() for t in ts)
         return out
     monkeypatch.setattr(ckpt, "_touched_host_tensors", touch)
     real_reserve = io.reserve

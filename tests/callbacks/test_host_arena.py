@@ -1,0 +1,52 @@
+"""HostArena: the checkpoint copy's host memory, of an exact size, page-locked where CUDA allows."""
+from types import SimpleNamespace
+
+import torch
+
+from ldm.callbacks import host_arena
+from ldm.callbacks.host_arena import ALIGN, HostArena
+
+LAYOUTS = [((3, 5), torch.float32), ((7,), torch.bfloat16), ((2, 2), torch.int64), ((0,), torch.float32),
+           ((3, 5), torch.float32), ((9,), torch.bool)]
+
+
+def test_views_of_every_layout_on_their_own_pages_zeroed():
+    arena = HostArena(LAYOUTS)
+    views = [v for vs in arena.tensors.values() for v in vs]
+    assert {layout: len(vs) for layout, vs in arena.tensors.items()} == {
+        ((3, 5), torch.float32): 2, ((7,), torch.bfloat16): 1, ((2, 2), torch.int64): 1, ((0,), torch.float32): 1,
+        ((9,), torch.bool): 1}
+    base = arena.buffer.data_ptr()
+    assert all((v.data_ptr() - base) % ALIGN == 0 for v in views if v.numel())
+    assert all(not v.any() for v in views)
+    assert arena.buffer.numel() == 5 * ALIGN  # each non-empty tensor rounded up to a page, the empty one none
+    marks = [True if v.dtype == torch.bool else i + 1 for i, v in enumerate(views)]
+    for v, mark in zip(views, marks):  # no two views share memory
+        v.fill_(mark)
+    assert all(v.eq(mark).all() for v, mark in zip(views, marks))
+    assert not arena.pinned
+    arena.release()  # nothing registered: nothing to undo
+
+
+def test_pin_registers_the_exact_buffer_for_every_context_and_release_undoes_it(monkeypatch):
+    calls = []
+    fake = SimpleNamespace(cudaError=SimpleNamespace(success=0),
+                           cudaHostRegister=lambda ptr, size, flags: calls.append(("register", ptr, size, flags)) or 0,
+                           cudaHostUnregister=lambda ptr: calls.append(("unregister", ptr)) or 0)
+    monkeypatch.setattr(host_arena.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_arena.torch.cuda, "cudart", lambda: fake)
+    arena = HostArena(LAYOUTS, pin=True)
+    ptr = arena.buffer.data_ptr()
+    assert arena.pinned and calls == [("register", ptr, 5 * ALIGN, 1)]  # 1: cudaHostRegisterPortable
+    arena.release()
+    arena.release()
+    assert calls[1:] == [("unregister", ptr)] and not arena.pinned
+
+
+def test_a_refused_registration_leaves_ordinary_memory(monkeypatch):
+    fake = SimpleNamespace(cudaError=SimpleNamespace(success=0), cudaHostRegister=lambda ptr, size, flags: 2)
+    monkeypatch.setattr(host_arena.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_arena.torch.cuda, "cudart", lambda: fake)
+    arena = HostArena(LAYOUTS, pin=True)
+    assert not arena.pinned and len(arena.tensors) == 5
+    assert not HostArena(LAYOUTS, pin=False).pinned  # not asked: not tried
