@@ -10,9 +10,15 @@ grid's `.cpu()`, the checkpoint's copy, the metrics read back at the end of vali
 not where it was queued. It also notes the gaps between consecutive training batches that
 took over 1.5x the median. At the end of training it prints one line per gap: its seconds
 and the slow calls inside it, so the gap's parts add up (less the step itself).
+
+With `stack_after_s` (from global step `stack_from`), a step that runs longer than that has the
+Python stacks of all threads written to <log dir>/pause_stacks.txt by faulthandler's watchdog,
+which needs no GIL: where the training thread and the writer threads are during a stall that
+no hook explains.
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import statistics
@@ -23,8 +29,10 @@ import pytorch_lightning as pl
 
 
 class PauseProbe(pl.Callback):
-    def __init__(self, min_ms: float = 50.0):
+    def __init__(self, min_ms: float = 50.0, stack_after_s: float | None = None, stack_from: int = 100):
         self.min_s = min_ms / 1000
+        self.stack_after_s, self.stack_from = stack_after_s, stack_from
+        self._stacks: Any = None
         self.calls: list[tuple[int, str, float, float]] = []  # (global step, name, start, seconds)
         self.batch_starts: list[tuple[int, float]] = []
         self._trainer: pl.Trainer | None = None
@@ -57,8 +65,17 @@ class PauseProbe(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self.batch_starts.append((trainer.global_step, time.perf_counter()))
+        if self.stack_after_s is not None and trainer.global_step >= self.stack_from:
+            if self._stacks is None:
+                self._stacks = open(f"{trainer.log_dir or trainer.default_root_dir}/pause_stacks.txt", "w")
+            faulthandler.cancel_dump_traceback_later()
+            print(f"--- step {trainer.global_step} at {time.perf_counter():.3f}", file=self._stacks, flush=True)
+            faulthandler.dump_traceback_later(self.stack_after_s, file=self._stacks)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stacks is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._stacks.close()
         periods = [(b[1] - a[1], a[0], a[1], b[1]) for a, b in zip(self.batch_starts, self.batch_starts[1:])]
         if not periods:
             return
