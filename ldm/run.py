@@ -28,6 +28,7 @@ from ldm.callbacks.checkpointing import (AtomicCheckpointIO, BackgroundCheckpoin
                                          RunCheckpoint)
 from ldm.callbacks.latent_cache import LatentCacheFiller, wants_latent_cache
 from ldm.callbacks.progress import RunProgressBar
+from ldm.callbacks.tensorboard_crc import use_fast_crc32c
 from ldm.callbacks.throughput import Throughput
 from ldm.config import to_plain
 from ldm.util import ConfigError, instantiate_from_config, launcher_rank
@@ -172,6 +173,7 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
         flags = {"seed": args.seed, "devices": args.devices, "precision": args.precision, "scale_lr": args.scale_lr,
                  "actual_resume": str(Path(args.actual_resume).resolve()) if args.actual_resume else None}
         (logdir / "configs" / f"{stamp}-cli.json").write_text(json.dumps(flags, indent=2))
+    use_fast_crc32c()  # else each sample grid's image stalls a host-bound step ~1 s (tensorboard_crc.py)
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, logdir) + [RunProgressBar()]
     if wants_latent_cache(data):  # cache_latents: encode what the cache lacks before the first step
