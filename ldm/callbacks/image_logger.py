@@ -21,7 +21,9 @@ Options follow the prompt (the kohya-ss sample-prompt syntax):
 Width and height are rounded down to a multiple of 8 latent pixels (64 px for SD).
 
 Samplers: DDIM (40 steps unless `steps` says otherwise) or DPM-Solver++(2M) (20), for the
-logger (`sampler`) or per prompt (`--ss`). Sampling runs in eval mode, without gradients, with the EMA weights if the model keeps
+logger (`sampler`) or per prompt (`--ss`).
+
+Sampling runs in eval mode, without gradients, with the EMA weights if the model keeps
 them, and leaves the module's train/eval flags and the torch CPU/CUDA RNG states exactly
 as it found them, so a run with samples trains the same as one without.
 """
@@ -298,8 +300,12 @@ class ImageLogger(pl.Callback):
         height, width = fit_size(*self._batch_hw, self._training_resolution(trainer, pl_module),
                                  self._multiple(pl_module))
         return [SamplePrompt(caption, self.negative_prompt, width, height, self.seed + i,
-                             self.steps or SAMPLERS[self.sampler][1], self.guidance_scale, self.sampler)
+                             self._steps(self.sampler), self.guidance_scale, self.sampler)
                 for i, caption in enumerate(self._captions)]
+
+    def _steps(self, sampler: str) -> int:
+        """The logger's `steps` for its own sampler, else that sampler's default."""
+        return (self.steps if sampler == self.sampler else None) or SAMPLERS[sampler][1]
 
     def _resolve(self, p: SamplePrompt, index: int, pl_module: pl.LightningModule,
                  trainer: pl.Trainer) -> SamplePrompt:
@@ -311,9 +317,8 @@ class ImageLogger(pl.Callback):
             return default if value is None else value
 
         sampler = pick(p.sampler, self.sampler)
-        steps = p.steps or (self.steps if sampler == self.sampler else None) or SAMPLERS[sampler][1]
         return SamplePrompt(p.prompt, pick(p.negative_prompt, self.negative_prompt), pick(p.width, side),
-                            pick(p.height, side), pick(p.seed, self.seed + index), steps,
+                            pick(p.height, side), pick(p.seed, self.seed + index), p.steps or self._steps(sampler),
                             pick(p.guidance_scale, self.guidance_scale), sampler)
 
     def generate(self, pl_module: pl.LightningModule, prompts: Sequence[SamplePrompt],
@@ -331,7 +336,8 @@ class ImageLogger(pl.Callback):
         first = group[0]
         return txt2img(pl_module, [p.prompt for p in group], [p.seed for p in group], height=first.height,
                        width=first.width, steps=first.steps, guidance_scale=first.guidance_scale,
-                       negative_prompt=first.negative_prompt, sampler=first.sampler, autocast=trainer.precision_plugin.forward_context())
+                       negative_prompt=first.negative_prompt, sampler=first.sampler,
+                       autocast=trainer.precision_plugin.forward_context())
 
     def _save(self, trainer: pl.Trainer, kind: str, grid: Image.Image, prompts: Sequence[SamplePrompt]) -> None:
         """Queue the grid's PNG, its prompts and its TensorBoard image for the writer thread."""

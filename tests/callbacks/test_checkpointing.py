@@ -168,8 +168,8 @@ def _saved_objects(monkeypatch) -> list:
 def test_the_first_save_copies_into_host_memory_reserved_in_the_writer_thread(tmp_path, monkeypatch):
     touched = []
     real_touch = ckpt._touched_host_tensors
-    monkeypatch.setattr(ckpt, "_touched_host_tensors",
-                        lambda layouts, pin: touched.append(threading.current_thread().name) or real_touch(layouts, pin))
+    monkeypatch.setattr(ckpt, "_touched_host_tensors", lambda layouts, pin: touched.append(
+        threading.current_thread().name) or real_touch(layouts, pin))
     saved = _saved_objects(monkeypatch)
     fresh = []
     real_to = torch.Tensor.to

@@ -15,8 +15,8 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 
 # name -> (sampler, its default number of steps). DPM-Solver++(2M) is second order where DDIM is
 # first (tests/models/test_dpm_solver.py), so it needs fewer steps for the same error; how few
-# depends on the model and the guidance (doc/PERFORMANCE.md: on the tiny model at guidance 7.5,
-# 20 of its steps were not as near the ODE's solution as 40 of DDIM's).
+# depends on the model and the guidance (doc/PERFORMANCE.md: on the tiny model, 20 of its steps
+# were not reliably nearer the ODE's solution than 40 of DDIM's).
 SAMPLERS = {"ddim": (DDIMSampler, 40), "dpmpp_2m": (DPMSolverSampler, 20)}
 ALIASES = {"dpmsolver++": "dpmpp_2m"}  # kohya's sample-prompt name
 
