@@ -76,6 +76,24 @@ class DDIMSampler:
         out_uncond, out_cond = out.float().chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
+    @staticmethod
+    def start(cond: torch.Tensor, uncond: torch.Tensor | None, shape: tuple[int, ...],
+              generator: torch.Generator | None, x_T: torch.Tensor | None,
+              name: str) -> tuple[torch.Tensor | None, torch.Generator, torch.Tensor]:
+        """What every sampler starts from: uncond broadcast to cond's batch, the generator (a
+        fresh one seeded from system entropy if none, never the global RNG), and x_T (drawn
+        from it on the CPU unless given) as float32 on cond's device. `name` leads errors."""
+        if cond.shape[0] != shape[0]:
+            raise ValueError(f"{name}: cond has batch size {cond.shape[0]} but shape asks for {shape[0]}")
+        if uncond is not None:
+            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:]).to(cond)
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()
+        if x_T is None:
+            x_T = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return uncond, generator, x_T.to(device=cond.device, dtype=torch.float32)
+
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None, shape: tuple[int, ...] | torch.Size,
                steps: int = 40, guidance_scale: float = 7.5, eta: float = 0.0,
@@ -88,19 +106,12 @@ class DDIMSampler:
         seeded from system entropy. x_T: the starting noise, instead of drawing it.
         """
         shape = tuple(shape)
-        if cond.shape[0] != shape[0]:
-            raise ValueError(f"DDIM: cond has batch size {cond.shape[0]} but shape asks for {shape[0]}")
-        if uncond is not None:
-            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:]).to(cond)
-        if generator is None:
-            generator = torch.Generator()
-            generator.seed()  # system entropy, not the global RNG
+        uncond, generator, x = self.start(cond, uncond, shape, generator, x_T, "DDIM")
         device = cond.device
 
         def noise() -> torch.Tensor:
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
-        x = noise() if x_T is None else x_T.to(device=device, dtype=torch.float32)
         abar = self.model.alphas_cumprod.to(device=device, dtype=torch.float64)
         timesteps = ddim_timesteps(self.model.num_timesteps, steps).tolist()
         for i in reversed(range(len(timesteps))):

@@ -37,17 +37,8 @@ class DPMSolverSampler(DDIMSampler):
                x_T: torch.Tensor | None = None) -> torch.Tensor:
         """Draw z_0 [B,C,h,w] (float32) for contexts `cond` [B,77,D]; the arguments as DDIMSampler.sample's."""
         shape = tuple(shape)
-        if cond.shape[0] != shape[0]:
-            raise ValueError(f"DPM-Solver++: cond has batch size {cond.shape[0]} but shape asks for {shape[0]}")
-        if uncond is not None:
-            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:]).to(cond)
+        uncond, _, x = self.start(cond, uncond, shape, generator, x_T, "DPM-Solver++")
         device = cond.device
-        if x_T is None:
-            if generator is None:
-                generator = torch.Generator()
-                generator.seed()  # system entropy, not the global RNG
-            x_T = torch.randn(shape, generator=generator, dtype=torch.float32)
-        x = x_T.to(device=device, dtype=torch.float32)
 
         abar = self.model.alphas_cumprod.to(device=device, dtype=torch.float64)
         timesteps = ddim_timesteps(self.model.num_timesteps, steps).flip(0).tolist()  # noisiest first
