@@ -22,3 +22,15 @@ def test_every_validation_batch_runs_once_before_training(path):
     """Lightning's default sanity check runs 2 validation batches; a failure in a later one
     would stop the run only at the first epoch's end."""
     assert load_config([path]).lightning.trainer.num_sanity_val_steps == -1
+
+
+SD_CONFIGS = FINETUNE + sorted((ROOT / "configs/lora").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SD_CONFIGS, ids=lambda p: p.stem)
+def test_sample_grids_take_dpm_solver_at_20_steps(path):
+    """Half the UNet calls of DDIM at 40 steps; the logger takes the config's params as they are."""
+    from ldm.callbacks.image_logger import ImageLogger
+
+    logger = ImageLogger(**load_config([path]).lightning.callbacks.image_logger.params)
+    assert (logger.sampler, logger._steps(logger.sampler)) == ("dpmpp_2m", 20)
