@@ -13,7 +13,10 @@ of each; with bench/phase_probe.py's marks, to set beside main.py's phase probe 
 the last checkpoint's background write is done (runs R and S of the sixteenth session timed
 it while that write went on). Prints
 `bare in process: {...}` (img/s, ms/step and the phases). It trains the run's model on noise
-after its last checkpoint: for bench runs only.
+after its last checkpoint: for bench runs only. With `before: true` it also runs at the start
+of training, before the first batch (`bare in process (before): {...}`): the host's speed
+drifts within one process too, so bench/end_to_end.sh compares with the mean of the two. That
+run trains the model on noise before the run does: a bench setting only.
 """
 from __future__ import annotations
 
@@ -30,28 +33,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules imp
 
 
 class BareInProcess(pl.Callback):
-    def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False):
+    def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False, before: bool = False):
         self.plan = Path(logdir) / "dataset_plan.json"
         self.steps, self.on_cpu = steps, on_cpu  # on_cpu: a check of this code with a tiny config
+        self.before = before
         self.batch_size = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.before:  # the host's speed drifts within a process too: the baseline on both sides of the run
+            self.measure(trainer, pl_module, trainer.datamodule.batch_size, "bare in process (before)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.batch_size = max(self.batch_size, len(batch["caption"]))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.measure(trainer, pl_module, self.batch_size, "bare in process")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str) -> None:
         from common import CAPTIONS, our_step
         from phase_probe import Phases
+        from thread_probe import Sample
         from train_step import bucket_steps
 
         if not (torch.cuda.is_available() or self.on_cpu):
-            print("bare in process: not run (no GPU; on_cpu: true runs it)", flush=True)
+            print(f"{label}: not run (no GPU; on_cpu: true runs it)", flush=True)
             return
         writes = getattr(trainer.strategy.checkpoint_io, "wait", None)
         if writes is not None:  # the last checkpoint's background write would share the host
             writes()
         pl_module.train()
-        model, n = pl_module, self.batch_size
+        model = pl_module
         batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[:n]).to(model.device), "caption": CAPTIONS[:n]}
         inner = our_step(model, batch, [], lr=0.0, opt=trainer.optimizers[0])
         step = bucket_steps(inner, batch, str(self.plan), n)
@@ -60,13 +72,17 @@ class BareInProcess(pl.Callback):
             step()
         sync()
         inner.phases = Phases()
+        threads = Sample()
+        threads.begin()
         t0 = time.perf_counter()
         for _ in range(self.steps):
             step()
         sync()
         dt = time.perf_counter() - t0
+        threads = threads.end(self.steps)
         phases, inner.phases = inner.phases.summary(), None
         memory = {"reserved_GiB": round(torch.cuda.memory_reserved() / 2**30, 2)} if torch.cuda.is_available() else {}
-        print("bare in process: " + json.dumps({
+        print(f"{label}: " + json.dumps({
             "batch": n, "steps": self.steps, "img_per_s": round(n * self.steps / dt, 2),
-            "ms_per_step": round(1000 * dt / self.steps, 1), **memory, "phases": phases}), flush=True)
+            "ms_per_step": round(1000 * dt / self.steps, 1), **memory, "phases": phases,
+            "threads": threads}), flush=True)

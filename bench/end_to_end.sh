@@ -9,7 +9,9 @@
 # images of ~0.93 of 512^2's pixels on average here), timed in main.py's process after its
 # training (bench/bare_in_process.py): the host's speed, which bounds this step, varied up to
 # 1.45x between processes. Then, in processes of their own, the bare step at 512 x 512 and
-# E2E_BARE_RUNS (default 1) times on the buckets, and the ratios against each.
+# E2E_BARE_RUNS (default 1) times on the buckets, and the ratios against each. With
+# bare_in_process's `before: true` (bench/configs/bare_before.yaml) the in-process baseline is
+# the mean of the bare step before and after the run.
 #   E2E_BASE=<config> E2E_BATCH=<its batch size> E2E_BARE=0 (main.py only, e.g. on a CPU;
 #   E2E_SKIP=5 for runs of under ~40 steps: the rate is taken from the logged steps after it;
 #   E2E_KEEP=1 keeps the run's checkpoints, deleted once measured)
@@ -27,9 +29,13 @@ run=$(ls -d "$out"/logs/*_e2e | tail -1)
 e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log")
 echo "$e2e"
 in_process=$(grep -a -o 'bare in process: {.*' "$out/main.log" | sed 's/^bare in process: //' | tail -1)
-[ -z "$in_process" ] || { echo "$in_process"; python3 -c "import json,sys; e,b=(json.loads(s) for s in sys.argv[1:])
-print(json.dumps({'main_over_bare_in_process': round(e['img_per_s']/b['img_per_s'], 3),
-                  'steady_over_bare_in_process': round(e['steady_img_per_s']/b['img_per_s'], 3)}))" "$e2e" "$in_process"; }
+before=$(grep -a -o 'bare in process (before): {.*' "$out/main.log" | sed 's/^bare in process (before): //' | tail -1)
+[ -z "$in_process" ] || { echo "$in_process"; [ -z "$before" ] || echo "before: $before"
+    python3 -c "import json,sys; e,*b=(json.loads(s) for s in sys.argv[1:] if s)
+bare=sum(r['img_per_s'] for r in b)/len(b)  # after the run, or the mean of before and after
+print(json.dumps({'bare_in_process': round(bare, 2),
+                  'main_over_bare_in_process': round(e['img_per_s']/bare, 3),
+                  'steady_over_bare_in_process': round(e['steady_img_per_s']/bare, 3)}))" "$e2e" "$in_process" "$before"; }
 # the run's checkpoints are 11 GB each at SD size: repeated runs filled a 64 GiB disk
 [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "$run/checkpoints"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0
