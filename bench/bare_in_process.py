@@ -16,7 +16,10 @@ it while that write went on). Prints
 after its last checkpoint: for bench runs only. With `before: true` it also runs at the start
 of training, before the first batch (`bare in process (before): {...}`): the host's speed
 drifts within one process too, so bench/end_to_end.sh compares with the mean of the two. That
-run trains the model on noise before the run does: a bench setting only.
+run trains the model on noise before the run does: a bench setting only. With
+`with_loader: true`, after the run: the bare step, the bare step with the run's training loader
+(its workers and pinning thread) delivering a batch to the GPU beside each step, and the bare
+step again: what the data pipeline's presence costs a host-bound step, without Lightning.
 """
 from __future__ import annotations
 
@@ -33,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules imp
 
 
 class BareInProcess(pl.Callback):
-    def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False, before: bool = False):
+    def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False, before: bool = False,
+                 with_loader: bool = False):
         self.plan = Path(logdir) / "dataset_plan.json"
         self.steps, self.on_cpu = steps, on_cpu  # on_cpu: a check of this code with a tiny config
-        self.before = before
+        self.before, self.with_loader = before, with_loader
         self.batch_size = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -49,8 +53,12 @@ class BareInProcess(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.measure(trainer, pl_module, self.batch_size, "bare in process")
+        if self.with_loader:  # A, B, A: the bare step, with the run's loader, without again
+            self.measure(trainer, pl_module, self.batch_size, "bare in process (with the loader)", loader=True)
+            self.measure(trainer, pl_module, self.batch_size, "bare in process (again)")
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str) -> None:
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str,
+                loader: bool = False) -> None:
         from common import CAPTIONS, our_step
         from phase_probe import Phases
         from thread_probe import Sample
@@ -68,6 +76,16 @@ class BareInProcess(pl.Callback):
         inner = our_step(model, batch, [], lr=0.0, opt=trainer.optimizers[0])
         step = bucket_steps(inner, batch, str(self.plan), n)
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        if loader:  # the run's training loader (its workers, the pinning thread) beside each step, its batch
+            batches = iter(trainer.datamodule.train_dataloader())  # moved to the GPU and dropped
+            plain = step
+
+            def step() -> None:
+                for value in next(batches).values():
+                    if isinstance(value, torch.Tensor):
+                        value.to(model.device, non_blocking=True)
+                plain()
+            step.buckets = plain.buckets
         for _ in range(step.buckets + 3):
             step()
         sync()

@@ -26,7 +26,8 @@ rm -rf "$out/logs"; mkdir -p "$out"
 python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t -n e2e --data_root "$out/data" \
     -l "$out/logs" >"$out/main.log" 2>&1 || { tail -30 "$out/main.log"; exit 1; }
 run=$(ls -d "$out"/logs/*_e2e | tail -1)
-e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log")
+e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log" \
+    $([ "${E2E_INTERVALS:-0}" = 1 ] && echo --intervals))
 echo "$e2e"
 in_process=$(grep -a -o 'bare in process: {.*' "$out/main.log" | sed 's/^bare in process: //' | tail -1)
 before=$(grep -a -o 'bare in process (before): {.*' "$out/main.log" | sed 's/^bare in process (before): //' | tail -1)

@@ -9,7 +9,8 @@ Prints one JSON line. `steady_img_per_s` is the median rate between consecutive 
 (perf/peak_memory_gib); `pauses` lists the intervals that took over 1.5x the median, with the
 seconds they added (sample grids, validation, checkpoint copies), summed in `pause_seconds`.
 With `--log` (the output of a run with `lightning.trainer.profiler: simple`), `profile` gives
-calls and total seconds of the hooks the pauses are made of."""
+calls and total seconds of the hooks the pauses are made of; `--intervals` (E2E_INTERVALS=1 in
+bench/end_to_end.sh) the ms per step of every interval, to see a slower stretch that is no pause."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True, help="images per step (data.params.batch_size x GPUs)")
     p.add_argument("--skip", type=int, default=20)
     p.add_argument("--log", type=Path, help="main.py's output, for the profiler's table")
+    p.add_argument("--intervals", action="store_true",
+                   help="also list each interval between logged steps as [its last step, ms per step]")
     args = p.parse_args()
     acc = EventAccumulator(str(args.run))
     acc.Reload()
@@ -69,6 +72,7 @@ def main() -> None:
         "checkpoints": len(list((args.run / "checkpoints").glob("*.ckpt"))),
         "sample_grids": len(list((args.run / "images").rglob("*.png"))),
         **({"profile": profile(args.log)} if args.log else {}),
+        **({"intervals": [[step, round(1000 * dt / n)] for n, dt, step in rates]} if args.intervals else {}),
     }))
 
 

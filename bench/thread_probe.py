@@ -118,5 +118,5 @@ class ThreadProbe(pl.Callback):
             self.sample = Sample()
             self.sample.begin()
         elif step == self.start + self.steps and self.sample is not None:
-            print("thread probe: " + json.dumps(self.sample.end(self.steps)), flush=True)
+            print("thread probe: " + json.dumps({"from_step": self.start, **self.sample.end(self.steps)}), flush=True)
             self.sample = None
