@@ -14,7 +14,9 @@
   thread while training goes on, page-locked for CUDA when the host has twice its size free
   (host_arena.py): the copies from the GPU are then queued on the stream rather than waited
   for, and the writer thread waits for them. Without the host memory for the copy it writes
-  in place, as `AtomicCheckpointIO`.
+  in place, as `AtomicCheckpointIO`. A save of the state the previous one wrote (last.ckpt
+  after an epoch's checkpoint) becomes a hard link to that file once it is written: the
+  11 GB are written once per epoch, not twice.
 * `RunCheckpoint` is Lightning's ModelCheckpoint with `last.ckpt` written at the end of
   training too, whatever the save interval, and the first save's host memory reserved
   after the first optimizer step (once the optimizer's state exists).
@@ -26,6 +28,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import tempfile
 from concurrent.futures import Future
@@ -71,9 +74,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
 
     Consecutive saves of the same training state (an epoch's checkpoint and last.ckpt)
     share the host copy of every tensor that did not change in between, so they cost one
-    copy, not two. Once every write is done, the next save copies into the host tensors of
-    the last one (same shape and dtype) rather than into fresh memory, whose pages the
-    copy would fault in one by one."""
+    copy, not two; when nothing changed at all (the same step, every tensor as it was), the
+    second file is a hard link to the first, made once that one is written (`_link_or_save`),
+    so the state is written once, not twice. Once every write is done, the next save copies
+    into the host tensors of the last one (same shape and dtype) rather than into fresh
+    memory, whose pages the copy would fault in one by one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,6 +87,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # host tensors no write uses, by (shape, dtype)
         self._reserved: Future | None = None  # reserve(): the writer thread touching host tensors
         self._arenas: list[HostArena] = []  # reserved memory, unregistered at teardown
+        self._last_save: tuple[Path, Any] | None = None  # the latest background save: path, _state_of its state
 
     def reserve(self, tensors: Iterable[torch.Tensor]) -> bool:
         """Allocate host tensors for a copy of `tensors` (the next checkpoint's) and write
@@ -107,6 +113,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             self._spare = _by_layout(self._copies.values())
             self._copies = {}
         self._take_reserved()
+        state, last, self._last_save = _state_of(checkpoint), self._last_save, None
         if not _host_memory_for(checkpoint, self._copies, self._spare):
             self.wait()  # in order: behind every earlier write
             rank_zero_info(f"{path}: not enough free host memory to copy the checkpoint; writing it in place")
@@ -120,7 +127,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             copied = torch.cuda.Event()
             copied.record()
-        self._writer.submit(path, _save_when_copied, copied, host, path)
+        if last is not None and last[1] == state and last[0].parent == Path(path).parent:
+            self._writer.submit(path, _link_or_save, copied, host, last[0], path)  # the same state: a link
+        else:
+            self._writer.submit(path, _save_when_copied, copied, host, path)
+        self._last_save = Path(path), state
 
     def remove_checkpoint(self, path: Any) -> None:
         self._writer.submit(path, super().remove_checkpoint, path)  # after the writes queued before it
@@ -182,6 +193,30 @@ def _save_when_copied(copied: torch.cuda.Event | None, checkpoint: dict[str, Any
     if copied is not None:
         copied.synchronize()  # the queued copies from the GPU have landed
     atomic_torch_save(checkpoint, path)
+
+
+def _link_or_save(copied: torch.cuda.Event | None, checkpoint: dict[str, Any], source: Path, path: Any) -> None:
+    """`path` as a hard link to `source`, the same state written just before (a link under a
+    temporary name, then renamed over `path`: a crash leaves the old file or the new one);
+    written in full where the file system has no hard links or `source` was not written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        _save_when_copied(copied, checkpoint, path)
+
+
+def _state_of(checkpoint: dict[str, Any]) -> tuple:
+    """What makes two checkpoints the same training state: the step and epoch, and every
+    tensor's identity and in-place version (ModelCheckpoint's own bookkeeping, the file
+    names of the last and best checkpoints, may differ: a linked last.ckpt holds the epoch
+    file's, as Lightning's own `save_last: link` does)."""
+    keys: list[tuple] = []
+    apply_to_collection(checkpoint, torch.Tensor, lambda t: keys.append(_tensor_key(t)))
+    return checkpoint.get("global_step"), checkpoint.get("epoch"), frozenset(keys), len(keys)
 
 
 def _host_copy(t: torch.Tensor, previous: dict[tuple, torch.Tensor], copies: dict[tuple, torch.Tensor],
