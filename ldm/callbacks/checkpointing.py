@@ -195,6 +195,9 @@ def _save_when_copied(copied: torch.cuda.Event | None, checkpoint: dict[str, Any
     atomic_torch_save(checkpoint, path)
 
 
+SMALL_CPU_TENSOR = 1 << 20  # bytes: _state_of compares CPU tensors up to this size by their contents
+
+
 def _link_or_save(copied: torch.cuda.Event | None, checkpoint: dict[str, Any], source: Path, path: Any) -> None:
     """`path` as a hard link to `source`, the same state written just before (a link under a
     temporary name, then renamed over `path`: a crash leaves the old file or the new one);
@@ -210,12 +213,19 @@ def _link_or_save(copied: torch.cuda.Event | None, checkpoint: dict[str, Any], s
 
 
 def _state_of(checkpoint: dict[str, Any]) -> tuple:
-    """What makes two checkpoints the same training state: the step and epoch, and every
-    tensor's identity and in-place version (ModelCheckpoint's own bookkeeping, the file
-    names of the last and best checkpoints, may differ: a linked last.ckpt holds the epoch
-    file's, as Lightning's own `save_last: link` does)."""
+    """What makes two checkpoints the same training state: the step and epoch, every
+    tensor's identity and in-place version, and the contents of small CPU tensors, which a
+    save makes afresh (the RNG states). ModelCheckpoint's own bookkeeping, the file names of
+    the last and best checkpoints, may differ: a linked last.ckpt holds the epoch file's, as
+    Lightning's own `save_last: link` does."""
     keys: list[tuple] = []
-    apply_to_collection(checkpoint, torch.Tensor, lambda t: keys.append(_tensor_key(t)))
+
+    def key(t: torch.Tensor) -> None:
+        if t.device.type == "cpu" and t.numel() * t.element_size() <= SMALL_CPU_TENSOR:
+            keys.append((t.dtype, tuple(t.shape), t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+        else:
+            keys.append(_tensor_key(t))
+    apply_to_collection(checkpoint, torch.Tensor, key)
     return checkpoint.get("global_step"), checkpoint.get("epoch"), frozenset(keys), len(keys)
 
 

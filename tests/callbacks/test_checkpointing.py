@@ -259,6 +259,9 @@ class _Tiny(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["host_rng_state"] = torch.get_rng_state()  # a new tensor at every save, as LatentDiffusion's
+
 
 @pytest.mark.parametrize("every_n_epochs", [1, 0])
 def test_run_checkpoint_reserves_the_first_saves_memory_after_the_first_step(tmp_path, monkeypatch, every_n_epochs):
@@ -295,6 +298,7 @@ def test_run_checkpoint_reserves_the_first_saves_memory_after_the_first_step(tmp
              for name in ("epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt", "last.ckpt")}
     assert torch.equal(files["last.ckpt"], model.layer.weight.detach())
     assert torch.equal(files["epoch=1-step=6.ckpt"], files["last.ckpt"])
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "epoch=1-step=6.ckpt")  # the same step: written once
     assert not torch.equal(files["epoch=0-step=3.ckpt"], files["last.ckpt"])  # written before its memory was reused
 
 
@@ -342,6 +346,21 @@ def test_a_save_of_the_state_just_saved_is_a_hard_link_to_that_file(tmp_path):
     assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 3.0))
 
 
+def test_small_cpu_tensors_a_save_makes_afresh_are_compared_by_their_contents(tmp_path):
+    io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
+    ckpt_dict["host_rng_state"] = torch.get_rng_state()
+    io.save_checkpoint(ckpt_dict, tmp_path / "epoch=01.ckpt")
+    ckpt_dict["host_rng_state"] = torch.get_rng_state()  # the same state, a new tensor
+    io.save_checkpoint(ckpt_dict, tmp_path / "last.ckpt")
+    torch.rand(1)  # the RNG moves on
+    ckpt_dict["host_rng_state"] = torch.get_rng_state()
+    io.save_checkpoint(ckpt_dict, tmp_path / "again.ckpt")
+    io.teardown()
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "epoch=01.ckpt")
+    assert not (tmp_path / "again.ckpt").samefile(tmp_path / "last.ckpt")
+    assert torch.equal(torch.load(tmp_path / "again.ckpt", weights_only=False)["host_rng_state"], torch.get_rng_state())
+
+
 @pytest.mark.parametrize("change", ["a tensor in place", "the step", "another folder"])
 def test_a_save_of_another_state_is_written_in_full(tmp_path, change):
     io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
@@ -377,17 +396,19 @@ def test_without_hard_links_the_same_state_is_written_in_full(tmp_path, monkeypa
 
 def test_when_the_first_write_failed_the_second_file_is_still_written(tmp_path, monkeypatch):
     real = torch.save
-    calls = []
+    calls, release = [], threading.Event()
 
     def fail_first(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
+            assert release.wait(10)  # still writing when last.ckpt is saved (a failure already seen stops the save)
             raise OSError(28, "No space left on device")
         real(obj, f, *args, **kwargs)
     monkeypatch.setattr(ckpt.torch, "save", fail_first)
     io, ckpt_dict = BackgroundCheckpointIO(), state(2.0)
     io.save_checkpoint(ckpt_dict, tmp_path / "epoch=01.ckpt")
     io.save_checkpoint(ckpt_dict, tmp_path / "last.ckpt")
+    release.set()
     with pytest.raises(RuntimeError, match="epoch=01.ckpt"):
         io.wait()
     io.teardown()
