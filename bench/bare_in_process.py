@@ -20,6 +20,10 @@ run trains the model on noise before the run does: a bench setting only. With
 `with_loader: true`, after the run: the bare step, the bare step with the run's training loader
 (its workers and pinning thread) delivering a batch to the GPU beside each step, and the bare
 step again: what the data pipeline's presence costs a host-bound step, without Lightning.
+With `during: [steps]`, also `during_steps` bare steps between two of the run's steps at each
+of those global steps (bench/configs/bare_during.yaml): a baseline sampled across the run's own
+time, as the host's speed swings within a process; bench/end_to_end.sh leaves their time out
+of main.py's and compares with their mean.
 """
 from __future__ import annotations
 
@@ -37,11 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules imp
 
 class BareInProcess(pl.Callback):
     def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False, before: bool = False,
-                 with_loader: bool = False):
+                 with_loader: bool = False, during: list[int] | None = None, during_steps: int = 20):
         self.plan = Path(logdir) / "dataset_plan.json"
         self.steps, self.on_cpu = steps, on_cpu  # on_cpu: a check of this code with a tiny config
         self.before, self.with_loader = before, with_loader
+        self.during, self.during_steps = sorted(during or []), during_steps
         self.batch_size = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.during and trainer.global_step == self.during[0]:  # between two of the run's steps
+            self.during.pop(0)
+            t0 = time.perf_counter()
+            self.measure(trainer, pl_module, self.batch_size, f"bare in process (step {trainer.global_step})",
+                         steps=self.during_steps, wait_writes=False)
+            print(f"bare in process (step {trainer.global_step}) took {time.perf_counter() - t0:.3f} s", flush=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.before:  # the host's speed drifts within a process too: the baseline on both sides of the run
@@ -58,7 +71,7 @@ class BareInProcess(pl.Callback):
             self.measure(trainer, pl_module, self.batch_size, "bare in process (again)")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str,
-                loader: bool = False) -> None:
+                loader: bool = False, steps: int | None = None, wait_writes: bool = True) -> None:
         from common import CAPTIONS, our_step
         from phase_probe import Phases
         from thread_probe import Sample
@@ -68,8 +81,9 @@ class BareInProcess(pl.Callback):
             print(f"{label}: not run (no GPU; on_cpu: true runs it)", flush=True)
             return
         writes = getattr(trainer.strategy.checkpoint_io, "wait", None)
-        if writes is not None:  # the last checkpoint's background write would share the host
+        if writes is not None and wait_writes:  # the last checkpoint's background write would share the host
             writes()
+        steps = steps or self.steps
         pl_module.train()
         model = pl_module
         batch = {"tokens": model.cond_stage_model.tokenize(CAPTIONS[:n]).to(model.device), "caption": CAPTIONS[:n]}
@@ -93,14 +107,14 @@ class BareInProcess(pl.Callback):
         threads = Sample()
         threads.begin()
         t0 = time.perf_counter()
-        for _ in range(self.steps):
+        for _ in range(steps):
             step()
         sync()
         dt = time.perf_counter() - t0
-        threads = threads.end(self.steps)
+        threads = threads.end(steps)
         phases, inner.phases = inner.phases.summary(), None
         memory = {"reserved_GiB": round(torch.cuda.memory_reserved() / 2**30, 2)} if torch.cuda.is_available() else {}
         print(f"{label}: " + json.dumps({
-            "batch": n, "steps": self.steps, "img_per_s": round(n * self.steps / dt, 2),
-            "ms_per_step": round(1000 * dt / self.steps, 1), **memory, "phases": phases,
+            "batch": n, "steps": steps, "img_per_s": round(n * steps / dt, 2),
+            "ms_per_step": round(1000 * dt / steps, 1), **memory, "phases": phases,
             "threads": threads}), flush=True)

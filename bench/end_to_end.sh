@@ -26,17 +26,26 @@ rm -rf "$out/logs"; mkdir -p "$out"
 python3 main.py --base $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml} -t -n e2e --data_root "$out/data" \
     -l "$out/logs" >"$out/main.log" 2>&1 || { tail -30 "$out/main.log"; exit 1; }
 run=$(ls -d "$out"/logs/*_e2e | tail -1)
+# bare steps run during the run (bench/configs/bare_during.yaml): their time is not main.py's
+during=$( (grep -a -o 'bare in process (step [0-9]*) took [0-9.]* s' "$out/main.log" || true) | awk '{s += $(NF-1)} END {print s + 0}')
 e2e=$(python3 bench/end_to_end_report.py "$run" --batch "$batch" --skip "${E2E_SKIP:-20}" --log "$out/main.log" \
-    $([ "${E2E_INTERVALS:-0}" = 1 ] && echo --intervals))
+    --exclude_seconds "$during" $([ "${E2E_INTERVALS:-0}" = 1 ] && echo --intervals))
 echo "$e2e"
-in_process=$(grep -a -o 'bare in process: {.*' "$out/main.log" | sed 's/^bare in process: //' | tail -1)
-before=$(grep -a -o 'bare in process (before): {.*' "$out/main.log" | sed 's/^bare in process (before): //' | tail -1)
+in_process=$(grep -a -o 'bare in process: {.*' "$out/main.log" | sed 's/^bare in process: //' | tail -1 || true)
+before=$(grep -a -o 'bare in process (before): {.*' "$out/main.log" | sed 's/^bare in process (before): //' | tail -1 \
+    || true)
 [ -z "$in_process" ] || { echo "$in_process"; [ -z "$before" ] || echo "before: $before"
     python3 -c "import json,sys; e,*b=(json.loads(s) for s in sys.argv[1:] if s)
 bare=sum(r['img_per_s'] for r in b)/len(b)  # after the run, or the mean of before and after
 print(json.dumps({'bare_in_process': round(bare, 2),
                   'main_over_bare_in_process': round(e['img_per_s']/bare, 3),
                   'steady_over_bare_in_process': round(e['steady_img_per_s']/bare, 3)}))" "$e2e" "$in_process" "$before"; }
+samples=$(grep -a -o 'bare in process (step [0-9]*): {.*' "$out/main.log" | sed 's/^[^{]*//' || true)
+[ -z "$samples" ] || python3 -c "import json,sys; e=json.loads(sys.argv[1]); b=[json.loads(l) for l in sys.argv[2].splitlines()]
+bare=sum(r['img_per_s'] for r in b)/len(b)
+print(json.dumps({'bare_during': [r['img_per_s'] for r in b], 'bare_during_mean': round(bare, 2),
+                  'main_over_bare_during': round(e['img_per_s']/bare, 3),
+                  'steady_over_bare_during': round(e['steady_img_per_s']/bare, 3)}))" "$e2e" "$samples"
 # the run's checkpoints are 11 GB each at SD size: repeated runs filled a 64 GiB disk
 [ "${E2E_KEEP:-0}" = 1 ] || rm -rf "$run/checkpoints"
 [ "${E2E_BARE:-1}" = 0 ] && exit 0

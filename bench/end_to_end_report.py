@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True, help="images per step (data.params.batch_size x GPUs)")
     p.add_argument("--skip", type=int, default=20)
     p.add_argument("--log", type=Path, help="main.py's output, for the profiler's table")
+    p.add_argument("--exclude_seconds", type=float, default=0.0,
+                   help="seconds inside the window that were not main.py's (bare steps run during the run)")
     p.add_argument("--intervals", action="store_true",
                    help="also list each interval between logged steps as [its last step, ms per step]")
     args = p.parse_args()
@@ -59,13 +61,14 @@ def main() -> None:
     if len(events) < 2:
         raise SystemExit(f"{args.run}: fewer than two train/loss_step events after step {args.skip}")
     first, last = events[0], events[-1]
-    steps, seconds = last.step - first.step, last.wall_time - first.wall_time
+    steps, seconds = last.step - first.step, last.wall_time - first.wall_time - args.exclude_seconds
     rates = [(b.step - a.step, b.wall_time - a.wall_time, b.step) for a, b in zip(events, events[1:])]
     per_step = statistics.median(dt / n for n, dt, _ in rates)
     pauses = [(step, round(dt - n * per_step, 1)) for n, dt, step in rates if dt > 1.5 * n * per_step]
     print(json.dumps({
         "impl": "main.py", "batch": args.batch, "steps": steps, "from_step": first.step, "to_step": last.step,
         "seconds": round(seconds, 1), "img_per_s": round(steps * args.batch / seconds, 2),
+        **({"excluded_seconds": args.exclude_seconds} if args.exclude_seconds else {}),
         "steady_img_per_s": round(args.batch / per_step, 2), "pause_seconds": round(sum(p for _, p in pauses), 1),
         "pauses": pauses,
         "peak_memory_GiB": peak_memory(acc),
