@@ -6,7 +6,8 @@
 At each mark (main.py: Lightning's hooks; the bare step: the same points in its own loop) it
 reads the host's clock and records a CUDA event. Over `steps` steps it prints one JSON line:
 per phase (from one mark to the next, and from a step's last mark to the next step's first),
-the median milliseconds the host spent and the GPU's timeline advanced. In a step bound by the
+the median milliseconds the host spent and the GPU's timeline advanced, and the steps over 1.5x
+the median step (with their longest phase), which a median hides. In a step bound by the
 host the two agree; where the GPU is behind, the host's phases are short and the GPU's long.
 Compare main.py's line with the bare step's: the phases where main.py's host takes longer are
 what the training loop, its hooks and the data pipeline add.
@@ -44,16 +45,23 @@ class Phases:
             torch.cuda.synchronize()
         host: dict[str, list[float]] = {}
         gpu: dict[str, list[float]] = {}
+        longest: list[tuple[str, float]] = []  # per step: its longest phase on the host
         for step, following in zip(self.steps, self.steps[1:]):
             marks = step + following[:1]  # the last phase runs to the next step's first mark
+            phases = []
             for (a, ta, ea), (b, tb, eb) in zip(marks, marks[1:]):
                 name = f"{a}->{b}"
                 host.setdefault(name, []).append(1000 * (tb - ta))
                 gpu.setdefault(name, []).append(ea.elapsed_time(eb) if ea is not None else float("nan"))
+                phases.append((name, 1000 * (tb - ta)))
+            longest.append(max(phases, key=lambda p: p[1]))
         med = {name: (round(statistics.median(host[name]), 2), round(statistics.median(gpu[name]), 2))
                for name in host}
         periods = [1000 * (b[0][1] - a[0][1]) for a, b in zip(self.steps, self.steps[1:])]
-        return {"steps": len(periods), "step_ms": round(statistics.median(periods), 1),
+        median = statistics.median(periods)
+        slow = [[i, round(ms), longest[i][0], round(longest[i][1])] for i, ms in enumerate(periods) if ms > 1.5 * median]
+        return {"steps": len(periods), "step_ms": round(median, 1), "step_ms_mean": round(statistics.fmean(periods), 1),
+                "slow_steps": slow,  # [index from the first, ms, its longest phase, that phase's host ms]
                 "phases_host_gpu_ms": med}
 
 
