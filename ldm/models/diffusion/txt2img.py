@@ -9,6 +9,7 @@ from typing import ContextManager, Sequence
 
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -19,6 +20,14 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 # were not reliably nearer the ODE's solution than 40 of DDIM's).
 SAMPLERS = {"ddim": (DDIMSampler, 40), "dpmpp_2m": (DPMSolverSampler, 20)}
 ALIASES = {"dpmsolver++": "dpmpp_2m"}  # kohya's sample-prompt name
+
+# Attention kernels for sampling: PyTorch's choice without cuDNN's. On an H100-class GPU PyTorch
+# picks cuDNN's kernel, which builds a graph the first time it meets a shape: ~0.35-0.9 s in a
+# sample grid's first UNet call at a new size or batch, and the ImageLogger's grids follow the
+# latest batch's bucket, so a run's grids meet new shapes often. FlashAttention builds nothing;
+# in a warm no-grad forward it is ~3.7 ms (10%) slower at the grid's batch (doc/PERFORMANCE.md,
+# nineteenth session). GPUs without flash fall back to the memory-efficient kernel, then math.
+SAMPLING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sampler_name(name: str) -> str:
@@ -42,12 +51,13 @@ def txt2img(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int]
     """One image per prompt, its start noise from a CPU generator seeded by its seed, so an
     image does not depend on the device or on what it is batched with. `sampler`: a name of
     SAMPLERS (or ALIASES); `steps` None: its default. `autocast` is the context for the text
-    encoder and UNet (the VAE decodes in its own precision)."""
+    encoder and UNet (the VAE decodes in its own precision); their attention runs on
+    SAMPLING_ATTENTION's kernels."""
     sampler_class, default_steps = SAMPLERS[sampler_name(sampler)]
     factor = latent_factor(model)
     shape = (len(prompts), model.channels, height // factor, width // factor)
     x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-    with autocast or nullcontext():
+    with autocast or nullcontext(), sdpa_kernel(SAMPLING_ATTENTION):
         cond = model.get_learned_conditioning(list(prompts))               # [B,77,D]
         uncond = model.get_learned_conditioning([negative_prompt])         # [1,77,D]
         z = sampler_class(model).sample(cond, uncond, shape, steps=steps or default_steps,
