@@ -25,7 +25,7 @@ ALIASES = {"dpmsolver++": "dpmpp_2m"}  # kohya's sample-prompt name
 # picks cuDNN's kernel, which builds a graph the first time it meets a shape: ~0.35-0.9 s in a
 # sample grid's first UNet call at a new size or batch, and the ImageLogger's grids follow the
 # latest batch's bucket, so a run's grids meet new shapes often. FlashAttention builds nothing;
-# in a warm no-grad forward it is ~3.7 ms (10%) slower at the grid's batch (doc/PERFORMANCE.md,
+# in a warm no-grad forward it is ~3.5 ms (10%) slower at the grid's batch (doc/PERFORMANCE.md,
 # nineteenth session). GPUs without flash fall back to the memory-efficient kernel, then math.
 SAMPLING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
