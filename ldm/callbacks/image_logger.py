@@ -1,6 +1,7 @@
 """Sample grids during training, to watch a fine-tune progress.
 
-Every `batch_frequency` optimizer steps and at the end of each epoch, rank 0 draws
+Every `batch_frequency` optimizer steps and at the end of each epoch (and, with
+`log_first_step`, before the first optimizer step of a run from global step 0), rank 0 draws
     batch    images for (up to max_images of) the captions of the latest training batch,
              at that batch's size (its aspect bucket), capped at the training resolution;
     prompts  images for each line of `prompts_file`, re-read every time, so it can be
@@ -9,6 +10,9 @@ Seeds never change between rounds (per prompt: its --d, else seed + its index), 
 grids of different steps compare image by image. Files, under <logdir>/images/train/:
     samples_gs-000500_e-01_batch.png     grid, rows of up to 4
     samples_gs-000500_e-01_batch.txt     one prompt line per image, in grid order
+The grid of step 0 (`log_first_step`) is the base model's: the baseline every later grid
+compares to, and sampling's first-use costs (and failures) come before training, as the
+sanity check's validation does.
 The grids also go to TensorBoard as images `samples/batch`, `samples/prompts`. A writer
 thread encodes and writes them (~0.7 s of PNG encoding per 8-image grid) while training goes
 on; the end of the run waits for it, and a failed write stops the run at the next grid.
@@ -208,7 +212,7 @@ class ImageLogger(pl.Callback):
     def __init__(self, batch_frequency: int = 250, max_images: int = 8, prompts_file: str | None = None,
                  steps: int | None = None, guidance_scale: float = 7.5, seed: int = 1234,
                  log_on_epoch_end: bool = True, negative_prompt: str = "", sampler: str = "ddim",
-                 disabled: bool = False, logdir: str | None = None):
+                 disabled: bool = False, logdir: str | None = None, log_first_step: bool = False):
         counts = [("batch_frequency", batch_frequency), ("max_images", max_images)]
         for name, value in counts + ([("steps", steps)] if steps is not None else []):  # steps None: the sampler's
             if not isinstance(value, int) or value < 1:
@@ -224,6 +228,7 @@ class ImageLogger(pl.Callback):
         self.guidance_scale = guidance_scale
         self.seed = seed
         self.log_on_epoch_end = log_on_epoch_end
+        self.log_first_step = log_first_step
         self.negative_prompt = negative_prompt
         self.disabled = disabled
         self.logdir = Path(logdir) if logdir else None
@@ -237,18 +242,28 @@ class ImageLogger(pl.Callback):
         if not self.disabled and self.prompts_file is not None:
             self._read_prompts(pl_module)  # a broken file stops the run before it starts
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if not self.disabled and self.log_first_step and trainer.global_step == 0:
+            self._note_batch(pl_module, batch)  # the first batch's captions and size, before it trains
+            self.log_samples(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.disabled:
             return
+        self._note_batch(pl_module, batch)
+        if trainer.global_step > 0 and trainer.global_step % self.batch_frequency == 0:
+            self.log_samples(trainer, pl_module)
+
+    def _note_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """The batch grid's captions and pixel size: the latest training batch's."""
         self._captions = [" ".join(str(c).split()) for c in batch["caption"][: self.max_images]]
         if "image" in batch:
             self._batch_hw = tuple(batch["image"].shape[-2:])
         elif "latent" in batch or "moments" in batch:  # moments: cached VAE posteriors (cache_latents)
             latent = batch["latent"] if "latent" in batch else batch["moments"]
             self._batch_hw = tuple(s * latent_factor(pl_module) for s in latent.shape[-2:])
-        if trainer.global_step > 0 and trainer.global_step % self.batch_frequency == 0:
-            self.log_samples(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.disabled and self.log_on_epoch_end:

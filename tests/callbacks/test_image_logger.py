@@ -342,3 +342,48 @@ def test_grids_are_written_in_a_writer_thread_and_a_failed_write_names_its_file(
                                            r"No space left"):
         logger.wait()
     logger.teardown(None, tiny_model, "fit")
+
+
+def test_log_first_step_samples_the_base_model_once_before_training(tiny_model, tmp_path):
+    """log_first_step: a grid of the first batch's captions before the first optimizer step (the
+    untrained weights), once however many micro-batches step 0 takes, and training is unchanged."""
+    import copy
+
+    def fit(model, folder, **logger_options):
+        pl.seed_everything(3)
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=str(folder),
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[ImageLogger(batch_frequency=1000, steps=2, log_on_epoch_end=False,
+                                                    **logger_options)])
+        trainer.fit(model, torch.utils.data.DataLoader(RandomCaptions(), batch_size=2))
+        return model
+
+    untrained = copy.deepcopy(tiny_model)
+    baseline = tmp_path / "baseline"
+    first_batch = {"caption": ["random image 0", "random image 1"], "image": torch.zeros(2, 3, 32, 32)}
+    reference = ImageLogger(steps=2, log_first_step=True, logdir=str(baseline))
+    reference.on_train_batch_start(fake_trainer(baseline, 0), copy.deepcopy(untrained), first_batch, 0)
+    reference.wait()
+
+    with_grid = fit(copy.deepcopy(untrained), tmp_path / "with", log_first_step=True)
+    without = fit(copy.deepcopy(untrained), tmp_path / "without")
+    files = sorted(p.name for p in images_dir(tmp_path / "with").iterdir())
+    assert files == ["samples_gs-000000_e-00_batch.png", "samples_gs-000000_e-00_batch.txt"]
+    assert not (tmp_path / "without" / "images").exists()
+    text = (images_dir(tmp_path / "with") / "samples_gs-000000_e-00_batch.txt").read_text().splitlines()
+    assert [line.split(" --")[0] for line in text] == ["random image 0", "random image 1"]
+    assert np.array_equal(np.asarray(load(images_dir(tmp_path / "with") / "samples_gs-000000_e-00_batch.png")),
+                          np.asarray(load(images_dir(baseline) / "samples_gs-000000_e-00_batch.png")))
+    trained, plain = with_grid.state_dict(), without.state_dict()
+    assert not torch.equal(trained["model.diffusion_model.out.2.weight"],
+                           untrained.state_dict()["model.diffusion_model.out.2.weight"])
+    assert all(torch.equal(trained[k], plain[k]) for k in plain)  # sampling left training as it was
+
+    accumulating = ImageLogger(steps=2, log_first_step=True, logdir=str(tmp_path / "acc"))
+    for micro_batch in range(2):  # accumulate_grad_batches: step 0 takes two batches
+        accumulating.on_train_batch_start(fake_trainer(tmp_path / "acc", 0), untrained, batch(["a"]), micro_batch)
+    accumulating.wait()
+    assert len(list(images_dir(tmp_path / "acc").iterdir())) == 2  # one grid, its .txt
+    resumed = ImageLogger(steps=2, log_first_step=True, logdir=str(tmp_path / "resumed"))
+    resumed.on_train_batch_start(fake_trainer(tmp_path / "resumed", 500), untrained, batch(["a"]), 0)
+    assert not (tmp_path / "resumed").exists()  # a resumed run: its first grid is at its frequency
