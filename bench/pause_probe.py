@@ -9,7 +9,9 @@ checkpoint IO's save_checkpoint in a host clock, and notes every call that takes
 grid's `.cpu()`, the checkpoint's copy, the metrics read back at the end of validation),
 not where it was queued. It also notes the gaps between consecutive training batches that
 took over 1.5x the median. At the end of training it prints one line per gap: its seconds
-and the slow calls inside it, so the gap's parts add up (less the step itself).
+and the slow calls inside it, so the gap's parts add up (less the step itself), each with its
+start in the gap, and the loop's marks (validation start and end, epoch end and start) at
+theirs: the time between marks that no call covers is Lightning's loop and the loader's.
 
 With `stack_after_s` (from global step `stack_from`), a step that runs longer than that has the
 Python stacks of all threads written to <log dir>/pause_stacks.txt by faulthandler's watchdog,
@@ -35,6 +37,7 @@ class PauseProbe(pl.Callback):
         self._stacks: Any = None
         self.calls: list[tuple[int, str, float, float]] = []  # (global step, name, start, seconds)
         self.batch_starts: list[tuple[int, float]] = []
+        self.marks: list[tuple[str, float]] = []  # (hook, host time) of the loop's phases
         self._trainer: pl.Trainer | None = None
 
     def _wrap(self, owner: Any, attr: str, name: str) -> None:
@@ -72,6 +75,21 @@ class PauseProbe(pl.Callback):
             print(f"--- step {trainer.global_step} at {time.perf_counter():.3f}", file=self._stacks, flush=True)
             faulthandler.dump_traceback_later(self.stack_after_s, file=self._stacks)
 
+    def _mark(self, name: str) -> None:
+        self.marks.append((name, time.perf_counter()))
+
+    def on_validation_start(self, *args: Any) -> None:
+        self._mark("validation_start")
+
+    def on_validation_end(self, *args: Any) -> None:
+        self._mark("validation_end")
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self._mark("train_epoch_end")
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._mark("train_epoch_start")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stacks is not None:
             faulthandler.cancel_dump_traceback_later()
@@ -83,6 +101,7 @@ class PauseProbe(pl.Callback):
         for seconds, step, start, end in periods:
             if seconds < 1.5 * median:
                 continue
-            inside = [(name, round(s, 3)) for _, name, t, s in self.calls if start <= t < end]
-            print("pause probe: " + json.dumps({"step": step, "seconds": round(seconds, 3),
-                                                "median_step_s": round(median, 4), "calls": inside}), flush=True)
+            inside = [(name, round(s, 3), round(t - start, 3)) for _, name, t, s in self.calls if start <= t < end]
+            marks = [(name, round(t - start, 3)) for name, t in self.marks if start <= t < end]
+            print("pause probe: " + json.dumps({"step": step, "seconds": round(seconds, 3), "median_step_s":
+                                                round(median, 4), "calls": inside, "marks": marks}), flush=True)
