@@ -4,6 +4,7 @@
 # sample grids at 25 and 50. Prints images/s and peak memory per 10-step window from the run's
 # TensorBoard events.
 # Usage (device): bash bench/main_preset.sh configs/stable-diffusion/presets/vram_6gb.yaml OUTDIR [override ...]
+#   PRESET_CONFIGS="<yaml> ..." merges more config files after the preset (e.g. bench/configs/memory_cap.yaml)
 set -euo pipefail
 preset=$1; out=${2:-/tmp/preset}; shift $(( $# < 2 ? $# : 2 ))  # the rest: overrides
 mkdir -p "$out"
@@ -16,7 +17,8 @@ for f in Path(sys.argv[1]).rglob("*.png"):
     Image.open(f).convert("RGB").resize((512, 512)).save(f)
 PY
 name=$(basename "$preset" .yaml)
-python3 main.py --base configs/stable-diffusion/v1-finetune_everydream.yaml "$preset" bench/configs/sd1_run_gpu.yaml \
+# shellcheck disable=SC2086  # PRESET_CONFIGS may list several files
+python3 main.py --base configs/stable-diffusion/v1-finetune_everydream.yaml "$preset" bench/configs/sd1_run_gpu.yaml ${PRESET_CONFIGS:-} \
     -t -n "$name" --data_root "$out/data" -l "$out/logs" "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -20 || true
 run=$(ls -d "$out"/logs/*_"$name" | tail -1)
 python3 - "$run" <<'PY'

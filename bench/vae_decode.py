@@ -6,13 +6,15 @@ make it faster.
 
 The SD decoder at 512 x 512 is ~2.4 TFLOP (3x3 convolutions at 64..512 px, 512..128 channels):
 ~5 ms at 500 TFLOP/s. The grid probe measured ~23-26 ms per decode (twentieth session).
-Prints one JSON line per variant: ms per decode (median of 10 after 3 warm-up calls).
+Prints one JSON line per variant: ms per decode (median of 10 after 3 warm-up calls), and for
+the two norm variants the peak of allocated memory above the weights.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -37,6 +39,9 @@ def decoder() -> torch.nn.Module:
 def timed(call, reps: int = 10) -> float:
     for _ in range(3):
         call()
+    torch.cuda.synchronize()
+    timed.base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -50,6 +55,7 @@ def timed(call, reps: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true", help="the kernels of one decode, as txt2img runs it")
+    parser.add_argument("--profile_rows", type=int, default=25)
     args = parser.parse_args()
     vae = decoder()
     z = torch.randn(1, 4, 64, 64, device=DEVICE, dtype=torch.bfloat16)
@@ -67,13 +73,22 @@ def main() -> None:
             ms = timed(lambda: vae.decode(six)) / 6
             emit({"variant": "NCHW, six at once", "cudnn_benchmark": benchmark, "ms_per_image": round(ms, 2)})
         torch.backends.cudnn.benchmark = False
+        for name, context in (("NCHW, one image, norms on float32 copies (as txt2img decodes)", nullcontext),
+                              ("NCHW, one image, under bf16 autocast: norms in bf16 (a probe)",
+                               lambda: torch.autocast("cuda", dtype=torch.bfloat16))):
+            def decode(context=context):
+                with context():
+                    return vae.decode(z)
+            ms = timed(decode)
+            emit({"variant": name, "ms": round(ms, 2), "peak_above_weights_MiB":
+                  round((torch.cuda.max_memory_allocated() - timed.base) / 2**20)})
         vae_cl = vae.to(memory_format=torch.channels_last)
         z_cl = z.contiguous(memory_format=torch.channels_last)
         ms = timed(lambda: vae_cl.decode(z_cl))
         emit({"variant": "channels-last weights and input, one image", "cudnn_benchmark": False, "ms": round(ms, 2)})
         vae.to(memory_format=torch.contiguous_format)
         if args.profile:
-            profile(lambda: vae.decode(z), steps=3)
+            profile(lambda: vae.decode(z), steps=3, rows=args.profile_rows)
 
 
 if __name__ == "__main__":
