@@ -3,7 +3,8 @@
 #   bash bench/end_to_end.sh [OUTDIR]
 # 50 generated images of 6 aspect ratios (640 px long side: several buckets at 512), file-name
 # captions, 10% held out for validation, 20 repeats, batch 6: 150 steps per epoch, 2 epochs,
-# with validation, a checkpoint and sample grids each epoch (and grids every 250 steps).
+# with validation, a checkpoint and sample grids each epoch (and grids every 250 steps, and the base
+# model's grid before the first step, before the measured window).
 # The baseline: the bare step with the same model, batch and settings (VAE encode in the step,
 # gradient checkpointing as the config has it) on the run's own buckets (its dataset_plan.json:
 # images of ~0.93 of 512^2's pixels on average here), timed in main.py's process after its
