@@ -12,6 +12,7 @@ took over 1.5x the median. At the end of training it prints one line per gap: it
 and the slow calls inside it, so the gap's parts add up (less the step itself), each with its
 start in the gap, and the loop's marks (validation start and end, epoch end and start) at
 theirs: the time between marks that no call covers is Lightning's loop and the loader's.
+Python's garbage collections over `min_ms` are listed among the calls as "gc gen N".
 
 With `stack_after_s` (from global step `stack_from`), a step that runs longer than that has the
 Python stacks of all threads written to <log dir>/pause_stacks.txt by faulthandler's watchdog,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import gc
 import json
 import statistics
 import time
@@ -65,6 +67,17 @@ class PauseProbe(pl.Callback):
                     self._wrap(cb, attr, f"{type(cb).__name__}.{attr}")
         self._wrap(pl_module, "validation_step", "validation_step")
         self._wrap(trainer.strategy.checkpoint_io, "save_checkpoint", "save_checkpoint")
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif getattr(self, "_gc_start", None) is not None:
+            seconds = time.perf_counter() - self._gc_start
+            if seconds >= self.min_s:
+                step = self._trainer.global_step if self._trainer is not None else -1
+                self.calls.append((step, f"gc gen {info['generation']}", self._gc_start, seconds))
+            self._gc_start = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self.batch_starts.append((trainer.global_step, time.perf_counter()))
@@ -91,6 +104,8 @@ class PauseProbe(pl.Callback):
         self._mark("train_epoch_start")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
         if self._stacks is not None:
             faulthandler.cancel_dump_traceback_later()
             self._stacks.close()
