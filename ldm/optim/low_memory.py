@@ -176,34 +176,37 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        limit, size = (PACK_BYTES, _nbytes) if self.compiled else (CHUNK, _numel)
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            small: dict[tuple, list[torch.Tensor]] = {}  # packed by (step, dtype, device)
-            fused: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}  # one kernel per (step, dtype, device)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype and memory format
-                    state["exp_avg_sq"] = torch.zeros_like(p)    # v
-                state["step"] += 1
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if triton_adamw.qualifies(tensors):
-                    fused.setdefault((state["step"], p.dtype, p.device), []).append(tensors)
-                elif size(p) < limit and all(x.is_contiguous() for x in tensors):
-                    small.setdefault((state["step"], p.dtype, p.device), []).append(p)
-                else:
-                    self._update(tensors, lr, b1, b2, eps, wd, state["step"])
-            for (t, _, _), weights in fused.items():
-                seed = int(torch.randint(0, 1 << 62, (), generator=self._seeds))
-                triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=seed)
-            for (t, _, _), params in small.items():
-                for pack in _packs(params, limit, size):
-                    self._update_pack(pack, lr, b1, b2, eps, wd, t)
+            self._step_group(group, [p for p in group["params"] if p.grad is not None])
         return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Update `params` (of `group`, each with a gradient): one fused kernel on a GPU with
+        Triton; otherwise small weights in packs, larger ones in chunks or compiled."""
+        limit, size = (PACK_BYTES, _nbytes) if self.compiled else (CHUNK, _numel)
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        small: dict[tuple, list[torch.Tensor]] = {}  # packed by (step, dtype, device)
+        fused: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}  # one kernel per (step, dtype, device)
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)       # m, in p's dtype and memory format
+                state["exp_avg_sq"] = torch.zeros_like(p)    # v
+            state["step"] += 1
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if triton_adamw.qualifies(tensors):
+                fused.setdefault((state["step"], p.dtype, p.device), []).append(tensors)
+            elif size(p) < limit and all(x.is_contiguous() for x in tensors):
+                small.setdefault((state["step"], p.dtype, p.device), []).append(p)
+            else:
+                self._update(tensors, lr, b1, b2, eps, wd, state["step"])
+        for (t, _, _), weights in fused.items():
+            seed = int(torch.randint(0, 1 << 62, (), generator=self._seeds))
+            triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=seed)
+        for (t, _, _), packed in small.items():
+            for pack in _packs(packed, limit, size):
+                self._update_pack(pack, lr, b1, b2, eps, wd, t)
 
     def _update(self, tensors: tuple[torch.Tensor, ...], lr: float, b1: float, b2: float, eps: float, wd: float,
                 t: int) -> None:
@@ -348,7 +351,7 @@ def unet_dtype(precision: str, use_ema: bool, optimizer: str) -> torch.dtype:
     if optimizer == "adamw_master" and precision != "bf16":
         raise ValueError(f"{key}: optimizer.name adamw_master keeps fp32 masters of bf16 weights; set "
                          f"unet_precision: bf16 (fp32 weights train with adamw)")
-    if precision == "bf16" and optimizer not in ("adamw_bf16", "adamw_master"):
+    if precision == "bf16" and optimizer not in ("adamw_bf16", "adamw8bit_bf16", "adamw_master"):
         rank_zero_warn(f"{key}: bf16 weights round away fine-tuning updates smaller than 1/512 of a weight; "
                        f"optimizer.name: adamw_bf16 rounds them stochastically and keeps them, adamw_master "
                        f"keeps fp32 master weights")
@@ -363,6 +366,9 @@ def check_channels_last(channels_last: Any, optimizer: str) -> bool:
     key = "model.params.channels_last"
     if not isinstance(channels_last, bool):
         raise ValueError(f"{key}: expected true or false, got {channels_last!r}")
+    if channels_last and optimizer == "adamw8bit_bf16":
+        raise ValueError(f"{key}: not with optimizer.name: adamw8bit_bf16, whose 8-bit moments follow the "
+                         f"weights' element order; set channels_last: false")
     if channels_last and optimizer == "adamw_bf16" and triton_adamw.triton is None:
         raise ValueError(f"{key}: with optimizer.name: adamw_bf16 it needs Triton, which this torch install lacks "
                          f"(without it the packed updates need contiguous weights); set channels_last: false")

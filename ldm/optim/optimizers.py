@@ -1,7 +1,8 @@
 """The optimizer, built from the `model.params.optimizer` config section:
 
     optimizer:
-      name: adamw            # a key of OPTIMIZERS: adamw, adamw8bit, lion, prodigy, adafactor
+      name: adamw            # a key of OPTIMIZERS: adamw, adamw8bit, adamw_bf16, adamw8bit_bf16,
+                             #  adamw_master, lion, prodigy, adafactor
                              # (ldm.optim.registry says when to use which)
                              # (the UNet learning rate is model.base_learning_rate; LatentDiffusion
                              #  refuses `lr` here and fills it in)
@@ -145,7 +146,12 @@ def build_optimizer(param_groups: Mapping[str, Iterable[nn.Parameter]], cfg: Opt
     if cfg.fused_backward:
         from ldm.optim.low_memory import StepInBackward
 
-        return StepInBackward(groups, lambda one: OPTIMIZERS[cfg.name](one, cfg, device_type, key))
+        wrapper = StepInBackward(groups, lambda one: OPTIMIZERS[cfg.name](one, cfg, device_type, key))
+        if cfg.name == "adamw8bit_bf16":  # the wrapper is what checkpoints load
+            from ldm.optim.eight_bit import keep_8bit_state_on_load
+
+            keep_8bit_state_on_load(wrapper)
+        return wrapper
     return OPTIMIZERS[cfg.name](groups, cfg, device_type, key)
 
 

@@ -11,6 +11,9 @@
     adamw_bf16  AdamW for weights stored in bf16 (`model.params.unet_precision: bf16`): fp32
                 arithmetic, weights and moments written back with stochastic rounding
                 (ldm.optim.low_memory). 6 bytes per parameter of weights and state instead of 12.
+    adamw8bit_bf16 adamw_bf16 with bitsandbytes' 8-bit moments (extra `adamw8bit`): its update on
+                an fp32 copy of each weight, written back with stochastic rounding
+                (ldm.optim.eight_bit). 4 bytes per parameter of weights and state; the 6 GiB preset.
     adamw_master AdamW on fp32 master copies of weights stored in bf16 (`unet_precision: bf16`):
                 autocast's arithmetic without its per-step weight and gradient casts
                 (ldm.optim.master_weights). fp32 AdamW's memory; checkpoints hold the masters.
@@ -175,6 +178,14 @@ def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type:
     return _make(AdamWBF16, groups, _kwargs(AdamWBF16, cfg, key))
 
 
+def _adamw8bit_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
+                    key: str) -> torch.optim.Optimizer:
+    import_optional("bitsandbytes", "adamw8bit", key)
+    from ldm.optim.eight_bit import AdamW8bitBF16
+
+    return _make(AdamW8bitBF16, groups, _kwargs(AdamW8bitBF16, cfg, key))
+
+
 def _adamw_master(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
                   key: str) -> torch.optim.Optimizer:
     from ldm.optim.master_weights import AdamWMaster
@@ -187,6 +198,7 @@ OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
     "adamw_bf16": _adamw_bf16,
+    "adamw8bit_bf16": _adamw8bit_bf16,
     "adamw_master": _adamw_master,
     "lion": _lion,
     "prodigy": _prodigy,

@@ -245,13 +245,14 @@ def test_compile_switch_compiles_the_adamw_bf16_update(compile):
 
 
 @pytest.mark.slow  # a main.py run of the tiny model, ~10 s
-def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw_bf16", "adamw8bit_bf16"])
+def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path, optimizer):
     from ldm.train import main
     from scripts.make_shapes import make_shapes
 
     make_shapes(tmp_path / "shapes", count=6, size=64, seed=0)
     base = ["--base", str(ROOT / "tests/configs/tiny.yaml"), str(ROOT / "tests/configs/tiny_run.yaml")]
-    opts = ["model.params.unet_precision=bf16", "model.params.optimizer.name=adamw_bf16",
+    opts = ["model.params.unet_precision=bf16", f"model.params.optimizer.name={optimizer}",
             "model.params.optimizer.fused_backward=true", "lightning.trainer.precision=bf16-mixed",
             "lightning.callbacks.image_logger.params.disabled=true", "lightning.trainer.max_epochs=1"]
     assert main([*base, "-t", "--data_root", str(tmp_path / "shapes"), "-l", str(tmp_path / "logs"), *opts]) == 0
@@ -263,6 +264,9 @@ def test_main_trains_a_bf16_unet_with_steps_in_backward_and_resumes(tmp_path):
     assert frozen and all(v.dtype == torch.bfloat16 for v in frozen.values() if v.is_floating_point())
     (state,) = ckpt["optimizer_states"]
     assert len(state["state"]) == len(unet) and all(s["step"] > 0 for s in state["state"].values())
+    if optimizer == "adamw8bit_bf16":  # the larger weights' moments in 8 bits, the others' in bf16
+        codes = {s["exp_avg"].dtype for s in state["state"].values()}
+        assert codes == {torch.uint8, torch.bfloat16}
     assert main([*base, "-t", "-r", str(run / "checkpoints" / "last.ckpt"), *opts[:-1],
                  "lightning.trainer.max_epochs=2"]) == 0
 

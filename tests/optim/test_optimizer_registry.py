@@ -1,5 +1,7 @@
 """The optimizers beyond AdamW. lion-pytorch and prodigyopt (the `test` extra) run for real;
-bitsandbytes, a 40 MB binary wheel, is stood in for by a module with its AdamW8bit signature."""
+bitsandbytes' AdamW8bit is stood in for by a module with its signature and AdamW's arithmetic,
+so that what the builder passes it can be read back (bitsandbytes itself runs in
+test_eight_bit.py)."""
 import sys
 import types
 import warnings
@@ -85,7 +87,8 @@ def test_adamw8bit_passes_settings_and_args(fake_bnb):
 
 
 @pytest.mark.parametrize("name, module, extra", [
-    ("adamw8bit", "bitsandbytes", "adamw8bit"), ("lion", "lion_pytorch", "lion"), ("prodigy", "prodigyopt", "prodigy"),
+    ("adamw8bit", "bitsandbytes", "adamw8bit"), ("adamw8bit_bf16", "bitsandbytes", "adamw8bit"),
+    ("lion", "lion_pytorch", "lion"), ("prodigy", "prodigyopt", "prodigy"),
 ])
 def test_a_missing_package_names_its_extra(monkeypatch, name, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import

@@ -145,5 +145,5 @@ def test_optional_packages_name_their_pip_extra():
 
 
 def test_registry_holds_builders_by_lowercase_name():
-    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "adamw_bf16", "adamw_master", "lion", "prodigy", "adafactor"}
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "adamw_bf16", "adamw8bit_bf16", "adamw_master", "lion", "prodigy", "adafactor"}
     assert all(callable(b) and name == name.lower() for name, b in OPTIMIZERS.items())
