@@ -15,8 +15,9 @@ from ldm.util import instantiate_from_config
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs/stable-diffusion/presets").glob("*.yaml"))
 BASES = ["configs/stable-diffusion/v1-finetune_everydream.yaml", "configs/stable-diffusion/v2-finetune_everydream.yaml"]
-# what each preset is for, as its file says: (batch size, text encoder trains, checkpointing, compile)
-EXPECTED = {"vram_6gb": (1, False, True, False), "vram_12gb": (6, True, False, "reduce-overhead")}
+# what each preset is for, as its file says: (batch size, text encoder trains, checkpointing, compile, optimizer)
+EXPECTED = {"vram_6gb": (1, False, False, False, "adamw8bit_bf16"),
+            "vram_12gb": (6, True, False, "reduce-overhead", "adamw_bf16")}
 
 
 def test_every_preset_is_described_here():
@@ -27,10 +28,10 @@ def test_every_preset_is_described_here():
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_a_preset_merges_after_the_fine_tune_configs(base, preset):
     cfg = load_config([ROOT / base, preset])
-    batch, text_encoder, checkpointing, compile_ = EXPECTED[preset.stem]
+    batch, text_encoder, checkpointing, compile_, optimizer = EXPECTED[preset.stem]
     params = cfg.model.params
     assert cfg.data.params.batch_size == batch
-    assert params.unet_precision == "bf16" and params.optimizer.name == "adamw_bf16"
+    assert params.unet_precision == "bf16" and params.optimizer.name == optimizer
     assert params.optimizer.fused_backward is True and params.use_ema is False
     assert params.cond_stage_trainable is text_encoder
     assert params.unet_config.params.use_checkpoint is checkpointing
