@@ -1,5 +1,5 @@
-"""8-bit AdamW, bitsandbytes' or torchao's, against ours (issue: performance, levers: "an 8-bit
-AdamW (bitsandbytes or torchao: choose by measurement)").
+"""8-bit AdamW, bitsandbytes' or torchao's, against ours (adamw_bf16, adamw8bit_bf16) (issue:
+performance, levers: "an 8-bit AdamW (bitsandbytes or torchao: choose by measurement)").
 
     python bench/adamw8bit.py [--steps 200] [--lr 1e-6]
 
@@ -42,6 +42,10 @@ def build(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim
         from ldm.optim.optimizers import OptimizerConfig, build_optimizer
         return build_optimizer({"unet": params}, OptimizerConfig.from_mapping(
             {"name": "adamw_bf16", "lr": lr, "weight_decay": 0.01}), "cuda")
+    if name.startswith("ours adamw8bit_bf16"):
+        from ldm.optim.optimizers import OptimizerConfig, build_optimizer
+        return build_optimizer({"unet": params}, OptimizerConfig.from_mapping(
+            {"name": "adamw8bit_bf16", "lr": lr, "weight_decay": 0.01}), "cuda")
     if name.startswith("bitsandbytes AdamW8bit"):
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.01)
@@ -54,6 +58,7 @@ def build(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim
 VARIANTS = [  # (name, weight dtype)
     ("torch AdamW, fp32 weights (reference)", torch.float32),
     ("ours adamw_bf16 (bf16 moments, stochastic rounding)", torch.bfloat16),
+    ("ours adamw8bit_bf16 (bitsandbytes' 8-bit moments, stochastic rounding)", torch.bfloat16),
     ("bitsandbytes AdamW8bit, fp32 weights", torch.float32),
     ("bitsandbytes AdamW8bit, bf16 weights (rounds to nearest)", torch.bfloat16),
     ("torchao AdamW8bit, fp32 weights", torch.float32),

@@ -4,9 +4,10 @@
 # sample grids at 25 and 50. Prints images/s and peak memory per 10-step window from the run's
 # TensorBoard events.
 # Usage (device): bash bench/main_preset.sh configs/stable-diffusion/presets/vram_6gb.yaml OUTDIR [override ...]
+#   PRESET_BASE=<yaml> replaces the SD 1.x fine-tune config (e.g. configs/stable-diffusion/v2-finetune_everydream-v.yaml)
 #   PRESET_CONFIGS="<yaml> ..." merges more config files after the preset (e.g. bench/configs/memory_cap.yaml)
 set -euo pipefail
-preset=$1; out=${2:-/tmp/preset}; shift $(( $# < 2 ? $# : 2 ))  # the rest: overrides
+preset=$1; base=${PRESET_BASE:-configs/stable-diffusion/v1-finetune_everydream.yaml}; out=${2:-/tmp/preset}; shift $(( $# < 2 ? $# : 2 ))  # the rest: overrides
 mkdir -p "$out"
 [ -d "$out/data" ] || python3 scripts/make_shapes.py "$out/data" --count 120 --size 512 --seed 1 > /dev/null
 python3 - "$out/data" <<'PY'
@@ -18,7 +19,7 @@ for f in Path(sys.argv[1]).rglob("*.png"):
 PY
 name=$(basename "$preset" .yaml)
 # shellcheck disable=SC2086  # PRESET_CONFIGS may list several files
-python3 main.py --base configs/stable-diffusion/v1-finetune_everydream.yaml "$preset" bench/configs/sd1_run_gpu.yaml ${PRESET_CONFIGS:-} \
+python3 main.py --base "$base" "$preset" bench/configs/sd1_run_gpu.yaml ${PRESET_CONFIGS:-} \
     -t -n "$name" --data_root "$out/data" -l "$out/logs" "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -20 || true
 run=$(ls -d "$out"/logs/*_"$name" | tail -1)
 python3 - "$run" <<'PY'
