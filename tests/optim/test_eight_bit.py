@@ -37,7 +37,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
 def test_on_fp32_weights_it_is_bitsandbytes_adamw8bit(chunk, monkeypatch):
     monkeypatch.setattr(eight_bit, "CHUNK", chunk)
     torch.manual_seed(0)
-    ours, theirs = nn.Linear(128, 64, bias=False), None
+    ours = nn.Linear(128, 64, bias=False)
     theirs = copy.deepcopy(ours)
     opt_a = AdamW8bitBF16(ours.parameters(), lr=1e-2, weight_decay=0.1)
     opt_b = bnb.optim.AdamW8bit(theirs.parameters(), lr=1e-2, weight_decay=0.1)
