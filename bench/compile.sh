@@ -48,3 +48,4 @@ row full32clsrcgw 300 bench/train_step.py --impl ours --batch 32 --compile --cha
 row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update
 row full32clms 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master
 row eager32ms  150 bench/train_step.py --impl ours --batch 32 --master
+row encode32clms 300 bench/train_step.py --impl ours --batch 32 --encode --compile --channels_last --master
