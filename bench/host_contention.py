@@ -1,0 +1,147 @@
+"""Does other work on the host slow a host-bound training step that it does not touch?
+
+    python bench/host_contention.py                      # the fine-tune configs' step: batch 6, VAE in the step
+    python bench/host_contention.py --loads idle burn4 idle --steps 30
+    python bench/host_contention.py --loads $(printf 'idle %.0s' {1..16})   # the host's own drift
+
+Builds the bare step once (bench/train_step.py's, `--master --encode --no_cudnn_benchmark`), then
+times `--steps` steps under each load in turn, with `idle` between them to follow the host's
+drift. Loads: `idle`; `burnN`: N processes spinning in Python (other cores busy, no shared
+memory, no GIL); `dd`: a process writing 12 GiB to disk (page cache, the kernel's writeback);
+`thread_save`: a thread of this process torch.save-ing 12 GiB of page-locked host tensors to a
+file, as the checkpoint writer does after each epoch. Each load runs from 1 s before the timed
+steps to their end. One JSON line per load: ms per step and its ratio to the mean of the `idle`
+measurements beside it; the CPU ms per step of the training thread and of the whole process
+(the autograd thread launches the backward's kernels; a load's thread counts there too); the
+share of the machine's CPU time the hypervisor stole in the window (/proc/stat); the GPU's SM
+clock 2 s into it (nvidia-smi). Read with doc/PERFORMANCE.md's target-2 part: a slowdown under `burnN`
+with cores to spare is the host's clock or shared resources, not our code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from common import setup_cuda
+from train_step import ours
+
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot (/proc/stat; Linux)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[7], sum(fields)
+
+
+def sm_clock() -> int | None:
+    """The GPU's SM clock in MHz now, or None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+SAVE_GIB = 12  # ~ an SD 1.x checkpoint with bf16 weights, fp32 masters and AdamW moments
+
+
+class Load:
+    def __init__(self, name: str, folder: str):
+        self.name, self.folder = name, folder
+        self.procs: list[subprocess.Popen] = []
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.name.startswith("burn"):
+            self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                          for _ in range(int(self.name[4:]))]
+        elif self.name == "dd":
+            self.procs = [subprocess.Popen(["dd", "if=/dev/zero", f"of={self.folder}/dd.bin", "bs=64M",
+                                            f"count={SAVE_GIB * 16}", "conv=fsync"], stderr=subprocess.DEVNULL)]
+        elif self.name == "thread_save":
+            state = {f"t{i}": torch.zeros(2**28 // 4, dtype=torch.float32).pin_memory()
+                     for i in range(SAVE_GIB * 4)}  # 256 MiB each
+
+            def save() -> None:
+                with open(f"{self.folder}/save.pt", "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.thread = threading.Thread(target=save)
+            self.thread.start()
+        elif self.name != "idle":
+            raise SystemExit(f"unknown load {self.name!r}")
+        time.sleep(1.0)
+
+    def stop(self) -> dict:
+        running = any(p.poll() is None for p in self.procs) or (self.thread is not None and self.thread.is_alive())
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        if self.thread is not None:
+            self.thread.join()
+        for name in ("dd.bin", "save.pt"):
+            if os.path.exists(f"{self.folder}/{name}"):
+                os.remove(f"{self.folder}/{name}")
+        return {"load_outlasted_steps": running}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--loads", nargs="+", default=["idle", "burn1", "idle", "burn4", "idle", "burn8", "idle",
+                                                  "burn14", "idle", "dd", "idle", "thread_save", "idle"])
+    p.add_argument("--folder", default=tempfile.gettempdir(), help="where dd and thread_save write")
+    cli = p.parse_args()
+    args = argparse.Namespace(config="configs/stable-diffusion/v1-finetune_everydream.yaml", ckpt=False,
+                              text_encoder=False, low_memory=False, batch=cli.batch, encode=True, size=512,
+                              unet_bf16=False, bf16_sr=False, old_update=False, master=True, channels_last=False,
+                              no_text_cache=False, plan=None, pack_mib=None, whole_unet=False, cudagraphs=False,
+                              compile_blocks=False, host_delay_ms=0.0)
+    setup_cuda()
+    torch.backends.cudnn.benchmark = False
+    step, _ = ours(args)
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    rows = []
+    for name in cli.loads:
+        load = Load(name, cli.folder)
+        load.start()
+        steal0, total0 = cpu_times()
+        thread0, process0 = time.thread_time(), time.process_time()
+        t0 = time.perf_counter()
+        clock: list[int | None] = []
+        sampler = threading.Timer(2.0, lambda: clock.append(sm_clock()))  # off the training thread
+        sampler.start()
+        for _ in range(cli.steps):
+            step()
+        torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - t0) / cli.steps
+        thread_ms = 1000 * (time.thread_time() - thread0) / cli.steps
+        process_ms = 1000 * (time.process_time() - process0) / cli.steps
+        steal1, total1 = cpu_times()
+        sampler.join()
+        rows.append({"load": name, "ms_per_step": round(ms, 1), "cpus": os.cpu_count(),
+                     "main_thread_cpu_ms": round(thread_ms, 1), "process_cpu_ms": round(process_ms, 1),
+                     "steal_pct": round(100 * (steal1 - steal0) / max(total1 - total0, 1), 2),
+                     "sm_mhz": clock[0] if clock else None,
+                     **load.stop()})
+    for i, row in enumerate(rows):
+        idle = [rows[j]["ms_per_step"] for j in (i - 1, i + 1)
+                if 0 <= j < len(rows) and rows[j]["load"] == "idle"]
+        if row["load"] != "idle" and idle:
+            row["over_idle_beside"] = round(row["ms_per_step"] / (sum(idle) / len(idle)), 3)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
