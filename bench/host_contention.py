@@ -27,15 +27,17 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from common import setup_cuda
 from train_step import ours
 
+
 def cpu_times() -> tuple[int, int]:
     """(steal, total) jiffies of all CPUs since boot (/proc/stat; Linux)."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return fields[7], sum(fields)
 
 
