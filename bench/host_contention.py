@@ -27,18 +27,12 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
 from common import setup_cuda
+from thread_probe import _host as host_jiffies  # (busy, steal, total) from /proc/stat
 from train_step import ours
-
-
-def cpu_times() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs since boot (/proc/stat; Linux)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return fields[7], sum(fields)
 
 
 def sm_clock() -> int | None:
@@ -118,7 +112,7 @@ def main() -> None:
     for name in cli.loads:
         load = Load(name, cli.folder)
         load.start()
-        steal0, total0 = cpu_times()
+        _, steal0, total0 = host_jiffies()
         thread0, process0 = time.thread_time(), time.process_time()
         t0 = time.perf_counter()
         clock: list[int | None] = []
@@ -130,7 +124,7 @@ def main() -> None:
         ms = 1000 * (time.perf_counter() - t0) / cli.steps
         thread_ms = 1000 * (time.thread_time() - thread0) / cli.steps
         process_ms = 1000 * (time.process_time() - process0) / cli.steps
-        steal1, total1 = cpu_times()
+        _, steal1, total1 = host_jiffies()
         sampler.join()
         rows.append({"load": name, "ms_per_step": round(ms, 1), "cpus": os.cpu_count(),
                      "main_thread_cpu_ms": round(thread_ms, 1), "process_cpu_ms": round(process_ms, 1),
