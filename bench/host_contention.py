@@ -9,12 +9,17 @@ times `--steps` steps under each load in turn, with `idle` between them to follo
 drift. Loads: `idle`; `burnN`: N processes spinning in Python (other cores busy, no shared
 memory, no GIL); `dd`: a process writing 12 GiB to disk (page cache, the kernel's writeback);
 `thread_save`: a thread of this process torch.save-ing 12 GiB of page-locked host tensors to a
-file, as the checkpoint writer does after each epoch. Each load runs from 1 s before the timed
-steps to their end. One JSON line per load: ms per step and its ratio to the mean of the `idle`
+file, as the checkpoint writer does after each epoch; `arena`, `arena_pin`, `arena_4k`,
+`arena_pin_4k`: a thread reserving 12 GiB of host memory for the checkpoint's copy as the
+writer thread does after the run's first step (ldm/callbacks/host_arena.py: map and write every
+page, then cudaHostRegister for `_pin`; `_4k` without asking for transparent huge pages), its
+phases timed. Each load runs
+from 1 s before the timed steps to their end; the arena loads start with the steps. One JSON line per load: ms per step and its ratio to the mean of the `idle`
 measurements beside it; the CPU ms per step of the training thread and of the whole process
 (the autograd thread launches the backward's kernels; a load's thread counts there too); the
 share of the machine's CPU time the hypervisor stole in the window (/proc/stat); the GPU's SM
-clock 2 s into it (nvidia-smi). Read with doc/PERFORMANCE.md's target-2 part: a slowdown under `burnN`
+clock 2 s into it (nvidia-smi); the longest step and the seconds the steps took over the
+window's median step (a stall of one step shows there, not in the mean). Read with doc/PERFORMANCE.md's target-2 part: a slowdown under `burnN`
 with cores to spare is the host's clock or shared resources, not our code.
 """
 from __future__ import annotations
@@ -33,6 +38,9 @@ import torch
 from common import setup_cuda
 from thread_probe import _host as host_jiffies  # (busy, steal, total) from /proc/stat
 from train_step import ours
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.callbacks.host_arena import HostArena, _register  # noqa: E402  (the reserve's steps)
 
 
 def sm_clock() -> int | None:
@@ -53,6 +61,7 @@ class Load:
         self.name, self.folder = name, folder
         self.procs: list[subprocess.Popen] = []
         self.thread: threading.Thread | None = None
+        self.phases: dict[str, float] = {}  # the arena loads': seconds of each phase
 
     def start(self) -> None:
         if self.name.startswith("burn"):
@@ -72,9 +81,28 @@ class Load:
                     os.fsync(f.fileno())
             self.thread = threading.Thread(target=save)
             self.thread.start()
+        elif self.name in ("arena", "arena_4k", "arena_pin", "arena_pin_4k"):
+            self.thread = threading.Thread(target=self._reserve)
+            self.thread.start()
+            return
         elif self.name != "idle":
             raise SystemExit(f"unknown load {self.name!r}")
         time.sleep(1.0)
+
+    def _reserve(self) -> None:
+        """HostArena's steps for one 12 GiB buffer, each timed: map and write every page, register."""
+        t0 = time.perf_counter()
+        arena = HostArena([((SAVE_GIB << 30,), torch.uint8)], pin=False, huge_pages=not self.name.endswith("_4k"))
+        t1 = time.perf_counter()
+        self.phases["fill_s"] = round(t1 - t0, 3)
+        self.phases["huge_pages_gib"] = round(_anon_huge_kib() / 2**20, 2)
+        if "_pin" in self.name:
+            arena.pinned = _register(arena.buffer)
+            t2 = time.perf_counter()
+            self.phases.update(registered=arena.pinned, register_start_s=round(t1 - t0, 3),
+                               register_s=round(t2 - t1, 3))
+            arena.release()
+            self.phases["unregister_s"] = round(time.perf_counter() - t2, 3)
 
     def stop(self) -> dict:
         running = any(p.poll() is None for p in self.procs) or (self.thread is not None and self.thread.is_alive())
@@ -86,7 +114,18 @@ class Load:
         for name in ("dd.bin", "save.pt"):
             if os.path.exists(f"{self.folder}/{name}"):
                 os.remove(f"{self.folder}/{name}")
-        return {"load_outlasted_steps": running}
+        return {"load_outlasted_steps": running, **self.phases}
+
+
+def _anon_huge_kib() -> int:
+    """This process's anonymous memory in transparent huge pages, KiB (/proc/self/smaps_rollup)."""
+    try:
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:
@@ -118,18 +157,23 @@ def main() -> None:
         clock: list[int | None] = []
         sampler = threading.Timer(2.0, lambda: clock.append(sm_clock()))  # off the training thread
         sampler.start()
+        ends = [t0]
         for _ in range(cli.steps):
             step()
+            ends.append(time.perf_counter())
         torch.cuda.synchronize()
         ms = 1000 * (time.perf_counter() - t0) / cli.steps
         thread_ms = 1000 * (time.thread_time() - thread0) / cli.steps
         process_ms = 1000 * (time.process_time() - process0) / cli.steps
         _, steal1, total1 = host_jiffies()
         sampler.join()
+        steps_s = sorted(b - a for a, b in zip(ends, ends[1:]))
+        median_s = steps_s[len(steps_s) // 2]
         rows.append({"load": name, "ms_per_step": round(ms, 1), "cpus": os.cpu_count(),
                      "main_thread_cpu_ms": round(thread_ms, 1), "process_cpu_ms": round(process_ms, 1),
                      "steal_pct": round(100 * (steal1 - steal0) / max(total1 - total0, 1), 2),
-                     "sm_mhz": clock[0] if clock else None,
+                     "sm_mhz": clock[0] if clock else None, "max_step_ms": round(1000 * steps_s[-1], 1),
+                     "over_median_s": round(sum(max(s - median_s, 0.0) for s in steps_s), 3),
                      **load.stop()})
     for i, row in enumerate(rows):
         idle = [rows[j]["ms_per_step"] for j in (i - 1, i + 1)

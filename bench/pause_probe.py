@@ -12,7 +12,9 @@ took over 1.5x the median. At the end of training it prints one line per gap: it
 and the slow calls inside it, so the gap's parts add up (less the step itself), each with its
 start in the gap, and the loop's marks (validation start and end, epoch end and start) at
 theirs: the time between marks that no call covers is Lightning's loop and the loader's.
-Python's garbage collections over `min_ms` are listed among the calls as "gc gen N".
+Python's garbage collections over `min_ms` are listed among the calls as "gc gen N", and so are
+the checkpoint writer thread's reserve of the first save's host memory and its cudaHostRegister
+call (`reserve`, host_arena.py); a call is listed in every gap it overlaps.
 
 With `stack_after_s` (from global step `stack_from`), a step that runs longer than that has the
 Python stacks of all threads written to <log dir>/pause_stacks.txt by faulthandler's watchdog,
@@ -30,6 +32,8 @@ import time
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+
+from ldm.callbacks import checkpointing, host_arena
 
 
 class PauseProbe(pl.Callback):
@@ -67,6 +71,9 @@ class PauseProbe(pl.Callback):
                     self._wrap(cb, attr, f"{type(cb).__name__}.{attr}")
         self._wrap(pl_module, "validation_step", "validation_step")
         self._wrap(trainer.strategy.checkpoint_io, "save_checkpoint", "save_checkpoint")
+        # the first save's host memory, reserved by the writer thread after the first step
+        self._wrap(checkpointing, "_touched_host_tensors", "reserve (writer thread)")
+        self._wrap(host_arena, "_register", "cudaHostRegister (writer thread)")
         gc.callbacks.append(self._gc)
 
     def _gc(self, phase: str, info: dict) -> None:
@@ -116,7 +123,8 @@ class PauseProbe(pl.Callback):
         for seconds, step, start, end in periods:
             if seconds < 1.5 * median:
                 continue
-            inside = [(name, round(s, 3), round(t - start, 3)) for _, name, t, s in self.calls if start <= t < end]
+            inside = [(name, round(s, 3), round(t - start, 3)) for _, name, t, s in self.calls
+                      if t < end and t + s > start]  # overlapping the gap (a start before it is negative)
             marks = [(name, round(t - start, 3)) for name, t in self.marks if start <= t < end]
             print("pause probe: " + json.dumps({"step": step, "seconds": round(seconds, 3), "median_step_s":
                                                 round(median, 4), "calls": inside, "marks": marks}), flush=True)

@@ -24,13 +24,13 @@ Layout = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
 
 class HostArena:
-    def __init__(self, layouts: list[Layout], pin: bool = False):
+    def __init__(self, layouts: list[Layout], pin: bool = False, huge_pages: bool = True):
         sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layouts]
         offsets, total = [], 0
         for size in sizes:
             offsets.append(total)
             total += -(-size // ALIGN) * ALIGN
-        self._map = mmap.mmap(-1, max(total, ALIGN))  # anonymous: page-aligned, the exact size
+        self._map = _anonymous_map(max(total, ALIGN), huge_pages)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         self.buffer.fill_(0)  # writes every page
         self.pinned = pin and torch.cuda.is_available() and _register(self.buffer)
@@ -45,6 +45,22 @@ class HostArena:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.pinned = False
+
+
+def _anonymous_map(size: int, huge_pages: bool) -> mmap.mmap:
+    """`size` bytes of anonymous memory, page-aligned. On Linux private to this process and not
+    inherited by processes forked later (a loader's workers never see it, and no write to it is
+    ever copied on write), with `huge_pages` in transparent huge pages where the kernel allows:
+    2 MiB pages, 512x fewer for the fill to fault in and for cudaHostRegister to lock, which holds
+    up every CUDA call of the process while it runs (doc/PERFORMANCE.md, target 2)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: the default anonymous map
+        return mmap.mmap(-1, size)
+    buffer_map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_DONTFORK"):
+        buffer_map.madvise(mmap.MADV_DONTFORK)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer_map.madvise(mmap.MADV_HUGEPAGE)
+    return buffer_map
 
 
 def _register(buffer: torch.Tensor) -> bool:

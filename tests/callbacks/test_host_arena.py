@@ -1,6 +1,8 @@
 """HostArena: the checkpoint copy's host memory, of an exact size, page-locked where CUDA allows."""
+import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ldm.callbacks import host_arena
@@ -50,3 +52,26 @@ def test_a_refused_registration_leaves_ordinary_memory(monkeypatch):
     arena = HostArena(LAYOUTS, pin=True)
     assert not arena.pinned and len(arena.tensors) == 5
     assert not HostArena(LAYOUTS, pin=False).pinned  # not asked: not tried
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps reports a mapping's flags")
+def test_linux_memory_is_private_not_inherited_by_forks_and_in_huge_pages_when_asked():
+    arena = HostArena(LAYOUTS)
+    flags = _vm_flags(arena.buffer.data_ptr())
+    assert "sh" not in flags  # private: no shared memory object behind it
+    assert "dc" in flags  # MADV_DONTFORK: a loader worker forked later does not map it
+    assert "hg" in flags  # MADV_HUGEPAGE: 2 MiB pages where the kernel has them
+    assert "hg" not in _vm_flags(HostArena(LAYOUTS, huge_pages=False).buffer.data_ptr())
