@@ -14,7 +14,6 @@ Without CUDA, or where registering fails, the arena is ordinary (pageable) memor
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 
 import torch
@@ -33,9 +32,7 @@ class HostArena:
             total += -(-size // ALIGN) * ALIGN
         self._map = _anonymous_map(max(total, ALIGN), huge_pages)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
-        # writes every page, in this thread alone and without the GIL (ctypes calls release it):
-        # torch's fill_ would spread the work over every core, the training threads' too
-        ctypes.memset(self.buffer.data_ptr(), 0, self.buffer.numel())
+        self.buffer.fill_(0)  # writes every page
         self.pinned = pin and torch.cuda.is_available() and _register(self.buffer)
         self.tensors: dict[Layout, list[torch.Tensor]] = {}
         for (shape, dtype), offset, size in zip(layouts, offsets, sizes):
