@@ -9,23 +9,29 @@ times `--steps` steps under each load in turn, with `idle` between them to follo
 drift. Loads: `idle`; `burnN`: N processes spinning in Python (other cores busy, no shared
 memory, no GIL); `dd`: a process writing 12 GiB to disk (page cache, the kernel's writeback);
 `thread_save`: a thread of this process torch.save-ing 12 GiB of page-locked host tensors to a
-file, as the checkpoint writer does after each epoch; `arena`, `arena_pin`, `arena_4k`,
-`arena_pin_4k`: a thread reserving 12 GiB of host memory for the checkpoint's copy as the
-writer thread does after the run's first step (ldm/callbacks/host_arena.py: map and write every
-page, then cudaHostRegister for `_pin`; `_4k` without asking for transparent huge pages), its
-phases timed. Each load runs
-from 1 s before the timed steps to their end; the arena loads start with the steps. One JSON line per load: ms per step and its ratio to the mean of the `idle`
-measurements beside it; the CPU ms per step of the training thread and of the whole process
-(the autograd thread launches the backward's kernels; a load's thread counts there too); the
-share of the machine's CPU time the hypervisor stole in the window (/proc/stat); the GPU's SM
-clock 2 s into it (nvidia-smi); the longest step and the seconds the steps took over the
-window's median step (a stall of one step shows there, not in the mean). Read with doc/PERFORMANCE.md's target-2 part: a slowdown under `burnN`
-with cores to spare is the host's clock or shared resources, not our code.
+file, as the checkpoint writer does after each epoch. Each of these runs from 1 s before the
+timed steps to their end. The arena loads start with the steps: a thread reserving 12 GiB of
+host memory for the checkpoint's copy, as the writer thread does after the run's first step
+(ldm/callbacks/host_arena.py: map, write every page, then with `_pin` cudaHostRegister), its
+phases timed. `arena`: HostArena as it is without `pin` (a private map, 4 KiB pages);
+`arena_pin`: as it is with `pin` (transparent huge pages, then registered); `arena_pin_4k`:
+registered without asking for huge pages; `arena_pin_shared`: the shared anonymous map HostArena
+used before (shmem: no huge pages).
+
+One JSON line per load: ms per step and its ratio to the mean of the `idle` measurements beside
+it; the CPU ms per step of the training thread and of the whole process (the autograd thread
+launches the backward's kernels; a load's thread counts there too); the share of the machine's
+CPU time the hypervisor stole in the window (/proc/stat); the GPU's SM clock 2 s into it
+(nvidia-smi); the longest step and the seconds the steps took over the window's median step (a
+stall of one step shows there, not in the mean). Read with doc/PERFORMANCE.md's target-2 part:
+a slowdown under `burnN` with cores to spare is the host's clock or shared resources, not our
+code.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -40,7 +46,7 @@ from thread_probe import _host as host_jiffies  # (busy, steal, total) from /pro
 from train_step import ours
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.callbacks.host_arena import HostArena, _register  # noqa: E402  (the reserve's steps)
+from ldm.callbacks.host_arena import HostArena, _anonymous_map, _register  # noqa: E402
 
 
 def sm_clock() -> int | None:
@@ -54,6 +60,7 @@ def sm_clock() -> int | None:
 
 
 SAVE_GIB = 12  # ~ an SD 1.x checkpoint with bf16 weights, fp32 masters and AdamW moments
+ARENA_LOADS = ["arena", "arena_pin", "arena_pin_4k", "arena_pin_shared"]
 
 
 class Load:
@@ -81,7 +88,7 @@ class Load:
                     os.fsync(f.fileno())
             self.thread = threading.Thread(target=save)
             self.thread.start()
-        elif self.name in ("arena", "arena_4k", "arena_pin", "arena_pin_4k"):
+        elif self.name in ARENA_LOADS:
             self.thread = threading.Thread(target=self._reserve)
             self.thread.start()
             return
@@ -92,17 +99,23 @@ class Load:
     def _reserve(self) -> None:
         """HostArena's steps for one 12 GiB buffer, each timed: map and write every page, register."""
         t0 = time.perf_counter()
-        arena = HostArena([((SAVE_GIB << 30,), torch.uint8)], pin=False, huge_pages=not self.name.endswith("_4k"))
+        if self.name == "arena":
+            buffer = HostArena([((SAVE_GIB << 30,), torch.uint8)]).buffer
+        else:  # HostArena(pin=True)'s steps, with the register timed on its own
+            shared = mmap.mmap(-1, SAVE_GIB << 30) if self.name.endswith("_shared") else None  # HostArena before
+            buffer_map = shared or _anonymous_map(SAVE_GIB << 30, huge_pages=not self.name.endswith("_4k"))
+            buffer = torch.frombuffer(buffer_map, dtype=torch.uint8)  # keeps the map alive
+            buffer.fill_(0)
         t1 = time.perf_counter()
         self.phases["fill_s"] = round(t1 - t0, 3)
         self.phases["huge_pages_gib"] = round(_anon_huge_kib() / 2**20, 2)
-        if "_pin" in self.name:
-            arena.pinned = _register(arena.buffer)
+        if self.name != "arena":
+            registered = _register(buffer)
             t2 = time.perf_counter()
-            self.phases.update(registered=arena.pinned, register_start_s=round(t1 - t0, 3),
-                               register_s=round(t2 - t1, 3))
-            arena.release()
-            self.phases["unregister_s"] = round(time.perf_counter() - t2, 3)
+            self.phases.update(registered=registered, register_start_s=round(t1 - t0, 3), register_s=round(t2 - t1, 3))
+            if registered:
+                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+                self.phases["unregister_s"] = round(time.perf_counter() - t2, 3)
 
     def stop(self) -> dict:
         running = any(p.poll() is None for p in self.procs) or (self.thread is not None and self.thread.is_alive())

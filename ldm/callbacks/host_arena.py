@@ -4,7 +4,8 @@ torch's `pin_memory()` takes page-locked memory from its caching host allocator,
 each block up to a power of two: an SD 1.x fine-tune's 11.1 GB state would lock 16 GiB.
 `HostArena` maps one anonymous buffer of the exact size (each tensor at a 4 KiB boundary),
 writes every page of it, so that no copy has to fault one in, and with `pin` registers it
-with CUDA (cudaHostRegister). Each tensor is its own storage over its part of the buffer
+with CUDA (cudaHostRegister); page-locked, it is in transparent huge pages where Linux grants
+them. Each tensor is its own storage over its part of the buffer
 (torch.frombuffer), so torch.save writes each at its own size, whatever its dtype. A copy
 from the GPU into a registered tensor with `non_blocking=True` is queued on the stream and
 runs as one DMA transfer while the host goes on (0.21 s for the 11.1 GB state against 0.82 s
@@ -24,16 +25,17 @@ Layout = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
 
 class HostArena:
-    def __init__(self, layouts: list[Layout], pin: bool = False, huge_pages: bool = True):
+    def __init__(self, layouts: list[Layout], pin: bool = False):
         sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in layouts]
         offsets, total = [], 0
         for size in sizes:
             offsets.append(total)
             total += -(-size // ALIGN) * ALIGN
-        self._map = _anonymous_map(max(total, ALIGN), huge_pages)
+        pin = pin and torch.cuda.is_available()
+        self._map = _anonymous_map(max(total, ALIGN), huge_pages=pin)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         self.buffer.fill_(0)  # writes every page
-        self.pinned = pin and torch.cuda.is_available() and _register(self.buffer)
+        self.pinned = pin and _register(self.buffer)
         self.tensors: dict[Layout, list[torch.Tensor]] = {}
         for (shape, dtype), offset, size in zip(layouts, offsets, sizes):
             n = size // dtype.itemsize
@@ -49,10 +51,13 @@ class HostArena:
 
 def _anonymous_map(size: int, huge_pages: bool) -> mmap.mmap:
     """`size` bytes of anonymous memory, page-aligned. On Linux private to this process and not
-    inherited by processes forked later (a loader's workers never see it, and no write to it is
-    ever copied on write), with `huge_pages` in transparent huge pages where the kernel allows:
-    2 MiB pages, 512x fewer for the fill to fault in and for cudaHostRegister to lock, which holds
-    up every CUDA call of the process while it runs (doc/PERFORMANCE.md, target 2)."""
+    inherited by processes forked later (a loader's workers never map it, and no write to it is
+    copied on write); with `huge_pages`, in transparent huge pages where the kernel grants them:
+    cudaHostRegister, which holds up every CUDA call of the process while it runs, then locks
+    2 MiB pages (0.20-0.41 s for 12 GiB through main.py on an H200 against 0.49-0.69 s in 4 KiB
+    pages, doc/PERFORMANCE.md, target 2). Asked for page-locked memory only: a huge page fault
+    can mean the kernel compacting memory first, slower than 4 KiB pages where memory is short
+    or fragmented."""
     if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: the default anonymous map
         return mmap.mmap(-1, size)
     buffer_map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -68,10 +68,15 @@ def _vm_flags(address: int) -> set[str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps reports a mapping's flags")
-def test_linux_memory_is_private_not_inherited_by_forks_and_in_huge_pages_when_asked():
-    arena = HostArena(LAYOUTS)
-    flags = _vm_flags(arena.buffer.data_ptr())
+def test_linux_memory_is_private_not_inherited_by_forks_and_in_huge_pages_when_page_locked(monkeypatch):
+    pageable = HostArena(LAYOUTS)
+    flags = _vm_flags(pageable.buffer.data_ptr())
     assert "sh" not in flags  # private: no shared memory object behind it
     assert "dc" in flags  # MADV_DONTFORK: a loader worker forked later does not map it
-    assert "hg" in flags  # MADV_HUGEPAGE: 2 MiB pages where the kernel has them
-    assert "hg" not in _vm_flags(HostArena(LAYOUTS, huge_pages=False).buffer.data_ptr())
+    assert "hg" not in flags  # pageable: 4 KiB pages, no compaction for huge ones
+    fake = SimpleNamespace(cudaError=SimpleNamespace(success=0), cudaHostRegister=lambda ptr, size, flags: 0)
+    monkeypatch.setattr(host_arena.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_arena.torch.cuda, "cudart", lambda: fake)
+    pinned = HostArena(LAYOUTS, pin=True)
+    assert pinned.pinned
+    assert {"dc", "hg"} <= _vm_flags(pinned.buffer.data_ptr())  # MADV_HUGEPAGE: fewer pages to lock
