@@ -102,8 +102,10 @@ class Load:
         if self.name == "arena":
             buffer = HostArena([((SAVE_GIB << 30,), torch.uint8)]).buffer
         else:  # HostArena(pin=True)'s steps, with the register timed on its own
-            shared = mmap.mmap(-1, SAVE_GIB << 30) if self.name.endswith("_shared") else None  # HostArena before
-            buffer_map = shared or _anonymous_map(SAVE_GIB << 30, huge_pages=not self.name.endswith("_4k"))
+            if self.name.endswith("_shared"):  # HostArena's map before it was private
+                buffer_map = mmap.mmap(-1, SAVE_GIB << 30)
+            else:
+                buffer_map = _anonymous_map(SAVE_GIB << 30, huge_pages=not self.name.endswith("_4k"))
             buffer = torch.frombuffer(buffer_map, dtype=torch.uint8)  # keeps the map alive
             buffer.fill_(0)
         t1 = time.perf_counter()

@@ -4,13 +4,12 @@ torch's `pin_memory()` takes page-locked memory from its caching host allocator,
 each block up to a power of two: an SD 1.x fine-tune's 11.1 GB state would lock 16 GiB.
 `HostArena` maps one anonymous buffer of the exact size (each tensor at a 4 KiB boundary),
 writes every page of it, so that no copy has to fault one in, and with `pin` registers it
-with CUDA (cudaHostRegister); page-locked, it is in transparent huge pages where Linux grants
-them. Each tensor is its own storage over its part of the buffer
-(torch.frombuffer), so torch.save writes each at its own size, whatever its dtype. A copy
-from the GPU into a registered tensor with `non_blocking=True` is queued on the stream and
-runs as one DMA transfer while the host goes on (0.21 s for the 11.1 GB state against 0.82 s
-into pageable memory on an H200, doc/PERFORMANCE.md); into pageable memory the same call
-returns when the copy is done.
+with CUDA (cudaHostRegister), in transparent huge pages where Linux grants them. Each tensor is
+its own storage over its part of the buffer (torch.frombuffer), so torch.save writes each at
+its own size, whatever its dtype. A copy from the GPU into a registered tensor with
+`non_blocking=True` is queued on the stream and runs as one DMA transfer while the host goes
+on (0.21 s for the 11.1 GB state against 0.82 s into pageable memory on an H200,
+doc/PERFORMANCE.md); into pageable memory the same call returns when the copy is done.
 Without CUDA, or where registering fails, the arena is ordinary (pageable) memory.
 """
 from __future__ import annotations
