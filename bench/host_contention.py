@@ -9,7 +9,12 @@ times `--steps` steps under each load in turn, with `idle` between them to follo
 drift. Loads: `idle`; `burnN`: N processes spinning in Python (other cores busy, no shared
 memory, no GIL); `dd`: a process writing 12 GiB to disk (page cache, the kernel's writeback);
 `thread_save`: a thread of this process torch.save-ing 12 GiB of page-locked host tensors to a
-file, as the checkpoint writer does after each epoch. Each of these runs from 1 s before the
+file, as the checkpoint writer does after each epoch, but in 48 tensors of 256 MiB; `ckpt_save`: the
+same thread writing a state of the fine-tune checkpoint's tensors (the model's state dict, and per
+UNet weight its fp32 master, two moments and a step: ~4,000 tensors, ~12 GB, in a page-locked
+HostArena) with the writer's own `atomic_torch_save`: one GIL hand-over per tensor; `ckpt_save_gated`:
+the same, its writes held while the step is not inside `loss.backward()` (a probe of a writer that
+takes the GIL only while the training thread waits on autograd's thread). Each of these runs from 1 s before the
 timed steps to their end. The arena loads start with the steps: a thread reserving 12 GiB of
 host memory for the checkpoint's copy, as the writer thread does after the run's first step
 (ldm/callbacks/host_arena.py: map, write every page, then with `_pin` cudaHostRegister), its
@@ -46,6 +51,7 @@ from thread_probe import _host as host_jiffies  # (busy, steal, total) from /pro
 from train_step import ours
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.callbacks.checkpointing import atomic_torch_save  # noqa: E402
 from ldm.callbacks.host_arena import HostArena, _anonymous_map, _register  # noqa: E402
 
 
@@ -61,6 +67,42 @@ def sm_clock() -> int | None:
 
 SAVE_GIB = 12  # ~ an SD 1.x checkpoint with bf16 weights, fp32 masters and AdamW moments
 ARENA_LOADS = ["arena", "arena_pin", "arena_pin_4k", "arena_pin_shared"]
+CKPT_STATE: dict[str, torch.Tensor] = {}  # ckpt_save's state, made once (checkpoint_state)
+IN_BACKWARD = threading.Event()  # ckpt_save_gated: set while the step is inside loss.backward()
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Host tensors shaped as a fine-tune checkpoint's (adamw_master): the state dict, and per UNet
+    weight an fp32 master, two fp32 moments and a step, in one page-locked HostArena."""
+    layouts = [(tuple(v.shape), v.dtype) for v in model.state_dict().values()]
+    for p in model.model.parameters():
+        layouts += [(tuple(p.shape), torch.float32)] * 3 + [((), torch.float32)]
+    arena = HostArena(layouts, pin=True)
+    tensors = [t for ts in arena.tensors.values() for t in ts]
+    return {f"t{i}": t for i, t in enumerate(tensors)}
+
+
+def _gated_backward(backward):
+    def wrapped(*args, **kwargs):
+        IN_BACKWARD.set()
+        try:
+            return backward(*args, **kwargs)
+        finally:
+            IN_BACKWARD.clear()
+    return wrapped
+
+
+class _GatedFile:
+    """A file whose writes wait until the training thread is inside the backward (at most 1 s)."""
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data) -> int:
+        IN_BACKWARD.wait(1.0)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class Load:
@@ -87,6 +129,23 @@ class Load:
                     f.flush()
                     os.fsync(f.fileno())
             self.thread = threading.Thread(target=save)
+            self.thread.start()
+        elif self.name in ("ckpt_save", "ckpt_save_gated"):
+            gated = self.name.endswith("_gated")
+
+            def save_ckpt() -> None:
+                t0 = time.perf_counter()
+                path = f"{self.folder}/save.pt"
+                if gated:
+                    with open(path, "wb") as f:
+                        IN_BACKWARD.wait(1.0)
+                        torch.save(CKPT_STATE, _GatedFile(f))
+                        f.flush()
+                        os.fsync(f.fileno())
+                else:
+                    atomic_torch_save(CKPT_STATE, path)
+                self.phases.update(save_s=round(time.perf_counter() - t0, 2), tensors=len(CKPT_STATE))
+            self.thread = threading.Thread(target=save_ckpt)
             self.thread.start()
         elif self.name in ARENA_LOADS:
             self.thread = threading.Thread(target=self._reserve)
@@ -158,7 +217,12 @@ def main() -> None:
                               compile_blocks=False, host_delay_ms=0.0)
     setup_cuda()
     torch.backends.cudnn.benchmark = False
-    step, _ = ours(args)
+    step, _, model = ours(args, with_model=True)
+    if any(name.startswith("ckpt_save") for name in cli.loads):
+        CKPT_STATE.update(checkpoint_state(model))
+        print(json.dumps({"ckpt_state_tensors": len(CKPT_STATE),
+                          "ckpt_state_gb": round(sum(t.nbytes for t in CKPT_STATE.values()) / 1e9, 2)}), flush=True)
+    torch.autograd.backward = _gated_backward(torch.autograd.backward)  # IN_BACKWARD for ckpt_save_gated
     for _ in range(10):
         step()
     torch.cuda.synchronize()
@@ -177,6 +241,7 @@ def main() -> None:
             step()
             ends.append(time.perf_counter())
         torch.cuda.synchronize()
+        IN_BACKWARD.set()  # no training after the window: a gated save runs free to its end
         ms = 1000 * (time.perf_counter() - t0) / cli.steps
         thread_ms = 1000 * (time.thread_time() - thread0) / cli.steps
         process_ms = 1000 * (time.process_time() - process0) / cli.steps
@@ -184,12 +249,14 @@ def main() -> None:
         sampler.join()
         steps_s = sorted(b - a for a, b in zip(ends, ends[1:]))
         median_s = steps_s[len(steps_s) // 2]
+        row_load = load.stop()
+        IN_BACKWARD.clear()
         rows.append({"load": name, "ms_per_step": round(ms, 1), "cpus": os.cpu_count(),
                      "main_thread_cpu_ms": round(thread_ms, 1), "process_cpu_ms": round(process_ms, 1),
                      "steal_pct": round(100 * (steal1 - steal0) / max(total1 - total0, 1), 2),
                      "sm_mhz": clock[0] if clock else None, "max_step_ms": round(1000 * steps_s[-1], 1),
                      "over_median_s": round(sum(max(s - median_s, 0.0) for s in steps_s), 3),
-                     **load.stop()})
+                     **row_load})
     for i, row in enumerate(rows):
         idle = [rows[j]["ms_per_step"] for j in (i - 1, i + 1)
                 if 0 <= j < len(rows) and rows[j]["load"] == "idle"]
