@@ -63,9 +63,9 @@ def txt2img(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int]
         z = sampler_class(model).sample(cond, uncond, shape, steps=steps or default_steps,
                                         guidance_scale=guidance_scale, x_T=x_T)
     vae_dtype = next(model.first_stage_model.parameters()).dtype
-    images = []
+    pixels = []
     for z_i in z:  # one at a time, in the VAE's own precision: the decoder is the memory peak
         x = model.decode_first_stage(z_i[None].to(vae_dtype))[0].float()  # [3,H,W] in ~[-1,1]
-        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(pixels))
-    return images
+        pixels.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0))  # [H,W,3]
+    # one copy to the host after the last decode: none of them waits for the one before
+    return [Image.fromarray(p) for p in torch.stack(pixels).cpu().numpy()]
