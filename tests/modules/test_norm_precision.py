@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.modules.attention import LayerNorm
 from ldm.modules.diffusionmodules.model import Normalize
-from ldm.modules.diffusionmodules.util import GroupNorm32, autocast_dtype
+from ldm.modules.diffusionmodules.util import GroupNorm32, autocast_dtype, few_rows, group_norm_few_rows
 
 NORM_OPS = {"native_group_norm", "native_layer_norm"}
 
@@ -119,3 +119,37 @@ def test_the_vae_uses_the_same_norm_and_keeps_its_keys():
     assert isinstance(norm, GroupNorm32) and (norm.num_groups, norm.eps) == (32, 1e-6)
     assert list(norm.state_dict()) == ["weight", "bias"]
     assert list(LayerNorm(8).state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("shape, affine", [((1, 128, 32, 32), True), ((2, 64, 8, 8), False), ((1, 64, 4, 4, 4), True)])
+def test_group_norm_few_rows_equals_torchs(shape, affine):
+    # a VAE decode of one image: 32 (sample, group) rows, an offset as decoder maps have
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 5
+    weight, bias = (torch.randn(shape[1]), torch.randn(shape[1])) if affine else (None, None)
+    expected = F.group_norm(x, 32, weight, bias, 1e-6)
+    torch.testing.assert_close(group_norm_few_rows(x, 32, weight, bias, 1e-6), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Map:
+    """What few_rows reads of a feature map."""
+
+    def __init__(self, batch, cuda=True, contiguous=True, requires_grad=False, side=256):
+        self.shape, self.is_cuda, self.requires_grad, self._contiguous = (batch, 128, side, side), cuda, requires_grad, contiguous
+
+    def is_contiguous(self):
+        return self._contiguous
+
+
+def test_few_rows_only_for_inference_on_few_groups_on_the_gpu():
+    frozen, trained = torch.ones(128), torch.ones(128, requires_grad=True)
+    with torch.no_grad():
+        assert few_rows(_Map(1), 32, trained)       # a decode's 256 px map: 32 rows
+        assert few_rows(_Map(3), 32, frozen)        # 96 rows
+        assert not few_rows(_Map(4), 32, frozen)    # 128 rows: torch's kernel fills the GPU
+        assert not few_rows(_Map(1, side=128), 32, frozen)  # a small map: torch's one kernel is quicker
+        assert not few_rows(_Map(1, cuda=False), 32, frozen)
+        assert not few_rows(_Map(1, contiguous=False), 32, frozen)  # channels-last
+    assert few_rows(_Map(1), 32, frozen)            # a frozen VAE's encode with gradients on elsewhere
+    assert not few_rows(_Map(1), 32, trained)       # training: torch's kernel and its backward
+    assert not few_rows(_Map(1, requires_grad=True), 32, frozen)
