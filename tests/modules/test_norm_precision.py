@@ -135,7 +135,8 @@ class _Map:
     """What few_rows reads of a feature map."""
 
     def __init__(self, batch, cuda=True, contiguous=True, requires_grad=False, side=256):
-        self.shape, self.is_cuda, self.requires_grad, self._contiguous = (batch, 128, side, side), cuda, requires_grad, contiguous
+        self.shape, self.is_cuda, self.requires_grad = (batch, 128, side, side), cuda, requires_grad
+        self._contiguous = contiguous
 
     def is_contiguous(self):
         return self._contiguous

@@ -111,8 +111,8 @@ def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor 
     return x
 
 
-GROUP_NORM_FEW_ROWS = 128  # batch x groups below this, and
-GROUP_NORM_LARGE_MAP = 1 << 23  # values per sample from this (128 x 256 x 256): group_norm_few_rows
+GROUP_NORM_FEW_ROWS = 128  # batch x groups below this, on maps of at least
+GROUP_NORM_LARGE_MAP = 1 << 23  # values per sample (128 x 256 x 256): group_norm_few_rows
 
 
 def few_rows(x: torch.Tensor, groups: int, weight: torch.Tensor | None) -> bool:
