@@ -110,15 +110,17 @@ def logger_grid(model: torch.nn.Module, dev: str, side: int, reps: int, profile:
     """txt2img as the ImageLogger of the SD fine-tune configs runs it, timed `reps` times warm."""
     for part in (model.model, model.first_stage_model, model.cond_stage_model):  # unet_precision: bf16
         part.to(torch.bfloat16)
-    prompts = CAPTIONS[:6]
+    def grid() -> None:
+        txt2img(model, CAPTIONS[:6], [1234 + j for j in range(6)], height=side, width=side, steps=20,
+                sampler="dpmpp_2m", autocast=torch.autocast(dev, dtype=torch.bfloat16))
+
     seconds = []
     with sampling_mode(model):
         for i in range(reps + 1):
             if dev == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            txt2img(model, prompts, [1234 + j for j in range(6)], height=side, width=side, steps=20,
-                    sampler="dpmpp_2m", autocast=torch.autocast(dev, dtype=torch.bfloat16))
+            grid()
             if dev == "cuda":
                 torch.cuda.synchronize()
             if i:  # the first call warms up
@@ -148,8 +150,7 @@ def logger_grid(model: torch.nn.Module, dev: str, side: int, reps: int, profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
         with sampling_mode(model), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            txt2img(model, CAPTIONS[:6], [1234 + j for j in range(6)], height=side, width=side, steps=20,
-                    sampler="dpmpp_2m", autocast=torch.autocast(dev, dtype=torch.bfloat16))
+            grid()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
