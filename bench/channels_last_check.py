@@ -12,11 +12,11 @@ import argparse
 
 from common import emit, setup_cuda
 from cudagraphs_check import rel, seeded_run
+from train_step import step_args
 
 
 def train(channels_last: bool, compile: bool, steps: int):
-    args = argparse.Namespace(ckpt=False, text_encoder=False, low_memory=False, encode=False, batch=8, plan=None,
-                              cudagraphs=False, pack_mib=None, channels_last=channels_last)
+    args = step_args(batch=8, channels_last=channels_last)
     return seeded_run(args, steps, compile, unet_only=True)
 
 

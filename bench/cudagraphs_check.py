@@ -15,12 +15,11 @@ import gc
 import torch
 
 from common import emit, setup_cuda
-from train_step import ours
+from train_step import ours, step_args
 
 
 def train(cudagraphs: bool, steps: int) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    args = argparse.Namespace(ckpt=False, text_encoder=True, low_memory=True, encode=False, batch=6, plan=None,
-                              cudagraphs=cudagraphs, pack_mib=None, channels_last=False)
+    args = step_args(text_encoder=True, low_memory=True, batch=6, cudagraphs=cudagraphs)
     return seeded_run(args, steps, compile=True)
 
 

@@ -48,7 +48,7 @@ import torch
 
 from common import setup_cuda
 from thread_probe import _host as host_jiffies  # (busy, steal, total) from /proc/stat
-from train_step import ours
+from train_step import ours, step_args
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.callbacks.checkpointing import atomic_torch_save  # noqa: E402
@@ -210,11 +210,7 @@ def main() -> None:
                                                   "burn14", "idle", "dd", "idle", "thread_save", "idle"])
     p.add_argument("--folder", default=tempfile.gettempdir(), help="where dd and thread_save write")
     cli = p.parse_args()
-    args = argparse.Namespace(config="configs/stable-diffusion/v1-finetune_everydream.yaml", ckpt=False,
-                              text_encoder=False, low_memory=False, batch=cli.batch, encode=True, size=512,
-                              unet_bf16=False, bf16_sr=False, old_update=False, master=True, channels_last=False,
-                              no_text_cache=False, plan=None, pack_mib=None, whole_unet=False, cudagraphs=False,
-                              compile_blocks=False, host_delay_ms=0.0)
+    args = step_args(batch=cli.batch, encode=True, master=True)
     setup_cuda()
     torch.backends.cudnn.benchmark = False
     step, _, model = ours(args, with_model=True)

@@ -15,7 +15,7 @@ import collections
 import torch
 
 from common import emit, setup_cuda
-from train_step import ours
+from train_step import ours, step_args
 
 
 def frame_of(frames: list[dict]) -> str:
@@ -36,8 +36,7 @@ def main() -> None:
     args = p.parse_args()
     setup_cuda()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    step, _ = ours(argparse.Namespace(**vars(args), compile=False, plan=None, cudagraphs=False, pack_mib=None,
-                                      channels_last=False))
+    step, _ = ours(step_args(**{k: v for k, v in vars(args).items() if k != "rows"}))
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -22,6 +22,7 @@
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update  # no fused kernel
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2  # host probe
     python bench/train_step.py --impl ours --batch 32 [--compile --channels_last] --master   # fp32 master weights
+    python bench/train_step.py --impl ours --batch 6 --encode --master --channels_last [--torch_norm]  # NHWC norms
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
     python bench/train_step.py --impl ours --config configs/stable-diffusion/v2-finetune_everydream-v.yaml \
         --size 768 --batch 2 --encode --master                           # another model and image size
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
                     profile_ops, setup_cuda, step_flops, time_steps)
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
+from ldm.modules.diffusionmodules import triton_group_norm  # noqa: E402
 from ldm.optim import low_memory  # noqa: E402
 from ldm.optim.low_memory import compile_updates  # noqa: E402
 from ldm.optim.master_weights import MasterWeights  # noqa: E402
@@ -92,6 +94,8 @@ def ours(args: argparse.Namespace, with_model: bool = False):
     if args.channels_last:  # 4-D weights NHWC: the convolutions' outputs follow, no layout transposes in cuDNN
         for part in (model.model, model.first_stage_model):
             part.to(memory_format=torch.channels_last)
+    if args.torch_norm:  # eager NHWC maps through torch's GroupNorm (copies to NCHW), not Triton's
+        triton_group_norm.qualifies = lambda x: False
     if args.no_text_cache:  # the frozen text encoder runs every step (cache_text_encoder_outputs: false)
         model.text_cache = None
     step = our_step(model, batch, params, lr=1e-5, optimizer=optimizer)
@@ -209,7 +213,7 @@ def peak_since_reset() -> int:
     return peak
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "diffusers"], default="ours")
     p.add_argument("--batch", type=int, default=32)
@@ -257,9 +261,24 @@ def main() -> None:
                         "optimizer's launch and the next forward pass cost GPU time?)")
     p.add_argument("--master", action="store_true",
                    help="ours: bf16 UNet weights with fp32 masters (unet_precision: bf16, optimizer.name: adamw_master)")
+    p.add_argument("--torch_norm", action="store_true",
+                   help="ours, --channels_last eager: torch's GroupNorm (NCHW copies) instead of group_norm_nhwc")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
-    args = p.parse_args()
+    return p
+
+
+def step_args(**settings) -> argparse.Namespace:
+    """This script's arguments at their defaults, with `settings` (for the other benches)."""
+    args = parser().parse_args([])
+    unknown = set(settings) - set(vars(args))
+    if unknown:
+        raise TypeError(f"step_args: no such argument {sorted(unknown)}")
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.memory_budget is not None:
         torch._functorch.config.activation_memory_budget = args.memory_budget
     set_inductor(args.inductor)
@@ -297,6 +316,7 @@ def main() -> None:
                         **({"host_delay_ms": args.host_delay_ms} if args.host_delay_ms else {}),
                         **({"cudagraphs": True, "whole_unet": args.whole_unet} if args.cudagraphs else {}),
                         **({"master": True} if args.master else {}),
+                        **({"torch_norm": True} if args.torch_norm else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))

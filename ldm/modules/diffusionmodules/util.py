@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ldm.modules.diffusionmodules import triton_group_norm
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of diffusion steps, laid out as [cos | sin].
@@ -70,7 +72,8 @@ class GroupNorm32(nn.GroupNorm):
     autocast the input, weight and bias are upcast, whatever dtype the module was cast to;
     under autocast a bf16/fp16 input is normalised in its dtype by torch's kernel, which
     accumulates in float32 (`autocast_dtype`). Float32 statistics of few large groups with
-    nothing to differentiate (a one-image VAE decode) take `group_norm_few_rows`.
+    nothing to differentiate (a one-image VAE decode) take `group_norm_few_rows`; NHWC maps on
+    a GPU in eager mode (`model.params.channels_last`) take Triton's `group_norm_nhwc`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +82,9 @@ class GroupNorm32(nn.GroupNorm):
             # inductor fuses the float32 round trip into the norm's kernels
             return group_norm_channels_last(x.float(), self.num_groups, _cast(self.weight, torch.float32),
                                             _cast(self.bias, torch.float32), self.eps).to(x.dtype)
+        if triton_group_norm.qualifies(x) and not torch.compiler.is_compiling():
+            # NHWC in eager mode: torch's kernel would copy x to NCHW (and the next convolution back)
+            return triton_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         dtype = autocast_dtype(x)
         if dtype == torch.float32 and few_rows(x, self.num_groups, self.weight):
             return group_norm_few_rows(x.float(), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),

@@ -1,0 +1,108 @@
+"""GroupNorm of NHWC maps in Triton (ldm/modules/diffusionmodules/triton_group_norm.py), run on
+the CPU by Triton's interpreter: forward and gradients against F.group_norm, and when
+GroupNorm32 takes it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules import triton_group_norm
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels run on CPU tensors in Triton's interpreter only")
+
+
+def nhwc(*shape, dtype=torch.float32, mean=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 3 + mean
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape, groups", [
+    ((2, 64, 5, 7), 32),     # 35 positions: one partial tile; 2 channels a group
+    ((2, 96, 12, 11), 32),   # 132 positions: three tiles, the last partial; 3 channels a group (not a power of 2)
+    ((1, 160, 9, 8), 8),     # 20 channels a group, 160 channels: three channel blocks, the last partial
+])
+def test_forward_and_gradients_match_group_norm(shape, groups):
+    x = nhwc(*shape, mean=40.0).requires_grad_()  # a large mean: the variance from deviations, not E[x^2] - E[x]^2
+    weight = torch.randn(shape[1], generator=torch.Generator().manual_seed(1)).requires_grad_()
+    bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(2)).requires_grad_()
+    y = triton_group_norm.group_norm_nhwc(x, groups, weight, bias, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref = F.group_norm(x64, groups, w64, b64, 1e-5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    y.backward(dy)
+    ref.backward(dy.double())
+    for got, want in ((x.grad, x64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_map_with_float32_weights_gives_bf16_and_float32_statistics():
+    x = nhwc(2, 64, 6, 6, dtype=torch.bfloat16, mean=100.0)
+    weight, bias = torch.rand(64) + 0.5, torch.randn(64)
+    y = triton_group_norm.group_norm_nhwc(x, 32, weight, bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    ref = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2)  # bf16's rounding of the result only
+
+
+def test_without_weight_and_bias_and_gradient_of_the_input_only():
+    x = nhwc(2, 64, 4, 4).requires_grad_()
+    y = triton_group_norm.group_norm_nhwc(x, 32, None, None, 1e-5)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.group_norm(x64, 32, None, None, 1e-5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_that_do_not_split_into_the_groups_are_refused():
+    with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+        triton_group_norm.group_norm_nhwc(nhwc(1, 48, 2, 2), 32, None, None, 1e-5)
+
+
+def test_which_maps_qualify():
+    """NHWC memory only (an NCHW map needs no copy for torch's kernel), 4-D, on a GPU."""
+    assert not triton_group_norm.qualifies(nhwc(2, 64, 4, 4))  # a CPU tensor
+    assert not triton_group_norm.qualifies(torch.randn(2, 64, 4, 4))
+
+
+def test_group_norm32_takes_it_for_nhwc_maps(monkeypatch):
+    """GroupNorm32 on an NHWC map: the Triton path, the same result and gradients as on the
+    same values in NCHW (torch's kernel); NCHW maps keep torch's kernel."""
+    taken = []
+    real = triton_group_norm.group_norm_nhwc
+    monkeypatch.setattr(triton_group_norm, "qualifies",
+                        lambda x: x.dim() == 4 and not x.is_contiguous()
+                        and x.is_contiguous(memory_format=torch.channels_last))
+    monkeypatch.setattr(triton_group_norm, "group_norm_nhwc", lambda *a: taken.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    gn = GroupNorm32(32, 64)
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    x = torch.randn(2, 64, 6, 5) * 2 + 1
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nchw = x.clone().requires_grad_()
+    y_cl = gn(x_cl)
+    grads_cl = torch.autograd.grad(y_cl.square().sum(), (x_cl, gn.weight, gn.bias))
+    assert taken == [x.shape]
+    y = gn(x_nchw)
+    grads = torch.autograd.grad(y.square().sum(), (x_nchw, gn.weight, gn.bias))
+    assert taken == [x.shape]  # NCHW: torch's kernel
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_cl, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
