@@ -11,6 +11,7 @@
     python bench/train_step.py ... --host_profile    # the host's time by Python function (cProfile)
     python bench/train_step.py --impl ours ... --phases     # host and GPU ms per phase (bench/phase_probe.py)
     python bench/train_step.py ... --profile_ops aten::copy_    # an operator's GPU time by shapes and callers
+    python bench/train_step.py ... --sync_check     # every host-GPU sync of one step
     python bench/train_step.py --impl ours ... --compile --cudagraphs   # the UNet blocks as CUDA graphs
     python bench/train_step.py --impl ours|diffusers --batch 32 [--compile] --channels_last   # NHWC convolutions
     python bench/train_step.py --impl ours --batch 32 --compile --compile_blocks   # blocks, not the whole UNet
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
-                    profile_ops, setup_cuda, step_flops, time_steps)
+                    profile_ops, setup_cuda, step_flops, sync_check, time_steps)
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.modules.diffusionmodules import triton_group_norm  # noqa: E402
 from ldm.optim import low_memory  # noqa: E402
@@ -235,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_ops", help="comma-separated operators (aten::copy_): their GPU time by input shapes "
                                          "and by calling Python lines, instead")
     p.add_argument("--host_profile", action="store_true", help="print the host's time by Python function instead")
+    p.add_argument("--sync_check", action="store_true",
+                   help="print every host-GPU sync of one step instead (after --profile, if given)")
     p.add_argument("--phases", action="store_true", help="ours: print the host's and the GPU's milliseconds per "
                                                          "phase of the step (bench/phase_probe.py) instead")
     p.add_argument("--pack_mib", type=float, help="ours, --low_memory --compile: compiled update packs of this many "
@@ -301,7 +304,9 @@ def main() -> None:
         host_profile(step)
     if args.phases:
         phase_report(step, args.warmup)
-    if args.profile or args.profile_ops or args.host_profile or args.phases:
+    if args.sync_check:
+        sync_check(step)
+    if args.profile or args.profile_ops or args.host_profile or args.phases or args.sync_check:
         return
     if args.plan and not args.encode:
         raise SystemExit("--plan needs --encode (bucket shapes are image sizes)")
