@@ -4,7 +4,7 @@ after its training ends (bench/end_to_end.sh's baseline for target 2).
     lightning: {callbacks: {bare_in_process: {target: bench.bare_in_process.BareInProcess}}}
 
 On this host the bare step, bound by the host's kernel launches at batch 6, ran up to 1.45x
-faster per pixel in one process than in the next (doc/PERFORMANCE.md, fifteenth session), more
+faster per pixel in one process than in the next (doc/performance/end-to-end.md, fifteenth session), more
 than what target 2 measures. Here it runs on the same CPU placement and allocator as the run
 it is compared with: `bench/train_step.py`'s step (`shared_step` under bf16 autocast, the
 trainer's own optimizer stepped with a closure, `zero_grad`) on random images of the run's

@@ -28,7 +28,7 @@ it; the CPU ms per step of the training thread and of the whole process (the aut
 launches the backward's kernels; a load's thread counts there too); the share of the machine's
 CPU time the hypervisor stole in the window (/proc/stat); the GPU's SM clock 2 s into it
 (nvidia-smi); the longest step and the seconds the steps took over the window's median step (a
-stall of one step shows there, not in the mean). Read with doc/PERFORMANCE.md's target-2 part:
+stall of one step shows there, not in the mean). Read with doc/performance/end-to-end.md:
 a slowdown under `burnN` with cores to spare is the host's clock or shared resources, not our
 code.
 """

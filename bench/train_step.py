@@ -35,7 +35,7 @@ caption; `--no_text_cache` runs it every step); the diffusers baseline gets rand
 text embeddings, as in the research anchors. One JSON line per call: img/s, ms/step, peak GiB,
 FLOPs per image (FlopCounterMode on one step) and MFU against the bf16 matmul rate measured
 on this GPU in the same process. Run each configuration in its own process
-(bench/train_step.sh runs the table of doc/PERFORMANCE.md).
+(bench/train_step.sh runs the first table of doc/performance/step.md).
 """
 from __future__ import annotations
 

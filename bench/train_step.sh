@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full fine-tune table of doc/PERFORMANCE.md, one process per configuration.
+# The first full fine-tune table of doc/performance/step.md, one process per configuration.
 #   bash bench/train_step.sh            (the diffusers rows need diffusers: benchmark-only)
 set -u
 cd "$(dirname "$0")/.."

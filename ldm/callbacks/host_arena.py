@@ -54,7 +54,7 @@ def _anonymous_map(size: int, huge_pages: bool) -> mmap.mmap:
     copied on write); with `huge_pages`, in transparent huge pages where the kernel grants them:
     cudaHostRegister, which holds up every CUDA call of the process while it runs, then locks
     2 MiB pages (0.20-0.41 s for 12 GiB through main.py on an H200 against 0.49-0.69 s in 4 KiB
-    pages, doc/PERFORMANCE.md, target 2). Asked for page-locked memory only: a huge page fault
+    pages, doc/performance/end-to-end.md). Asked for page-locked memory only: a huge page fault
     can mean the kernel compacting memory first, slower than 4 KiB pages where memory is short
     or fragmented."""
     if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: the default anonymous map

@@ -4,7 +4,7 @@ bitsandbytes' AdamW8bit stores each moment in 8 bits: blocks of 256 values, each
 its largest magnitude (absmax) and coded on a dynamic (log-spaced) map of 256 values, which
 keeps small moments precise. On bf16 weights, though, it rounds each update to the nearest
 bf16 value, and a fine-tuning update (lr 1e-6 on weights of ~1e-2) is below half a bf16 step:
-on the SD 1.x UNet it kept 51% of the movement at lr 1e-6 (doc/PERFORMANCE.md, "bitsandbytes
+on the SD 1.x UNet it kept 51% of the movement at lr 1e-6 (doc/performance/memory.md, "bitsandbytes
 against torchao").
 
 Here bitsandbytes' own update runs on an fp32 copy of the weight, one chunk at a time, and

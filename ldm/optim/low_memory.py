@@ -1,4 +1,4 @@
-"""Two ways to train the full UNet in less memory (doc/PERFORMANCE.md, the 6 GiB target).
+"""Two ways to train the full UNet in less memory (doc/performance/memory.md, the 6 GiB target).
 
 `AdamWBF16` (optimizer name `adamw_bf16`): AdamW for weights stored in bf16. Each update is
 computed in fp32 and written back to the bf16 weight, and to its bf16 moments, with

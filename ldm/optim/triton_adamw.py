@@ -2,7 +2,7 @@
 
 Without it, `adamw_bf16` updates each weight, or each pack of small weights concatenated,
 with ~25 eager kernels per chunk or one compiled call, and the host's cost of issuing those
-bounded the small-batch steps (doc/PERFORMANCE.md, the 6 GiB and 12 GiB targets). Here one
+bounded the small-batch steps (doc/performance/memory.md, the 6 GiB and 12 GiB targets). Here one
 launch updates every weight of a call: the weights' addresses go in a table, the GPU runs
 one program per chunk of up to CHUNK elements of a weight, which it finds in a block map, and
 each program loops over its chunk BLOCK elements at a time.

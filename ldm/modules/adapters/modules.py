@@ -52,7 +52,7 @@ class Adapter(nn.Module):
         alpha = dim if alpha is None or alpha == 0 else alpha  # kohya: no alpha means scale 1
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         # alpha as a Python number too: a scale held on the GPU costs a division, a cast and a
-        # multiply per adapter per step (PERFORMANCE.md, adapters: -9% operations per step)
+        # multiply per adapter per step (doc/performance/adapters.md: -9% operations per step)
         self.alpha_value = float(alpha)
         self.register_load_state_dict_post_hook(_refresh_alpha_value)
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
