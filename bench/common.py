@@ -220,9 +220,9 @@ def print_kernel_kinds(prof, steps: int, top: int = 12) -> None:
 def print_gaps(kernels: list, steps: int, top: int = 10, prof=None) -> None:
     """The GPU's idle time per step between the first kernel and the last (the time no kernel
     runs), and the longest idle gaps with the kernels on either side: where the host fell behind.
-    With the profile (`prof`), each gap also says when the host launched the kernel after it and
-    what the host ran in between (`host_in_gap`): a late launch is the host's time, an early one
-    a wait on the GPU's side (a memory copy, an event)."""
+    With the profile (`prof`), the three longest also say when the host launched the kernel after
+    the gap and what it ran since it was last ahead of the GPU (HostTimeline.describe): a late
+    launch is the host's time, an early one a wait on the GPU's side (a memory copy, an event)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
     gaps, end, before = [], spans[0][1], spans[0][2]
     for start, stop, name in spans[1:]:
