@@ -21,7 +21,7 @@ from train_step import ours, step_args
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="the shipped compiled row: compile + channels_last")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
     setup_cuda()
