@@ -155,7 +155,8 @@ def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **
     peak = torch.cuda.max_memory_allocated()
     return {**fields, "batch": batch, "img_per_s": round(batch * steps / dt, 2),
             "ms_per_step": round(1000 * dt / steps, 1), "peak_GiB": round(peak / 2**30, 3),
-            "peak_incl_warmup_GiB": round(max(peak_all, peak) / 2**30, 3)}
+            "peak_incl_warmup_GiB": round(max(peak_all, peak) / 2**30, 3),
+            "max_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3)}  # what the allocator held
 
 
 def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:

@@ -53,9 +53,10 @@ print(json.dumps({'bare_during': [r['img_per_s'] for r in b], 'bare_during_mean'
 # as the shipped configs run (lightning.trainer.benchmark: false); with cuDNN's per-process kernel
 # trials on, the bare step differed by up to 10% between two processes of one call
 # shellcheck disable=SC2086
-# bf16 weights with fp32 masters, and gradient checkpointing, as the run trained
+# bf16 weights with fp32 masters, gradient checkpointing and CUDA graphs, as the run trained
 flags=$(python3 -c "import sys; from ldm.config import load_config; p = load_config(sys.argv[1:]).model.params
-print(('--master' if p.optimizer.name == 'adamw_master' else ''), ('--ckpt' if p.unet_config.params.use_checkpoint else ''))" \
+print(('--master' if p.optimizer.name == 'adamw_master' else ''), ('--ckpt' if p.unet_config.params.use_checkpoint else ''),
+      ('--graphs' if p.get('cuda_graphs', False) else ''))" \
     $base ${E2E_OVERRIDES:-bench/configs/end_to_end.yaml})
 # shellcheck disable=SC2086
 bare=$(python3 bench/train_step.py --impl ours --batch "$batch" --encode --no_cudnn_benchmark $flags | grep '^{')

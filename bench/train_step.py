@@ -106,6 +106,10 @@ def ours(args: argparse.Namespace, with_model: bool = False):
         step = bucket_steps(step, batch, args.plan, args.batch)
 
     def compile_all():  # what model.params.compile: true (or reduce-overhead, --cudagraphs) does
+        if args.graphs:  # model.params.cuda_graphs (eager kernels): a shape's second step on records its graphs
+            model.cuda_graphs = True
+            if not args.compile:
+                return
         if args.pack_mib:
             low_memory.PACK_BYTES = int(args.pack_mib * 2**20)
         whole = args.whole_unet or (whole_unet_pays(args.cudagraphs, args.low_memory, args.ckpt)
@@ -148,18 +152,19 @@ def phase_report(step, warmup: int, steps: int = 30) -> None:
 
 def bucket_steps(step, batch: dict, plan: str, batch_size: int):
     """`step` on images of a main.py run's aspect buckets (its dataset_plan.json) instead of
-    512 x 512: each bucket once first (its new shapes meet cuDNN in the warm-up), then a seeded
-    shuffle of the epoch's batches, each bucket as often as the plan has batches of it."""
+    512 x 512: each bucket three times first (its new shapes meet cuDNN in the warm-up; with
+    --graphs a later step records its graphs), then a seeded shuffle of the epoch's batches,
+    each bucket as often as the plan has batches of it."""
     buckets = json.loads(Path(plan).read_text())["buckets"]
     device = batch["tokens"].device
     images = [torch.rand(batch_size, 3, b["height"], b["width"], device=device) * 2 - 1 for b in buckets]
     epoch = [i for i, b in enumerate(buckets) for _ in range(b["batches"])]
     random.Random(0).shuffle(epoch)
-    order = itertools.chain(range(len(buckets)), itertools.cycle(epoch))
+    order = itertools.chain(*[range(len(buckets))] * 3, itertools.cycle(epoch))
 
-    def bucket_step() -> None:
+    def bucket_step():
         batch["image"] = images[next(order)]
-        step()
+        return step()
     bucket_step.optimizer = step.optimizer
     bucket_step.buckets = len(buckets)
     bucket_step.__wrapped__ = step  # where --phases sets its marks
@@ -243,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pack_mib", type=float, help="ours, --low_memory --compile: compiled update packs of this many "
                                                    "MiB per tensor instead of low_memory.PACK_BYTES")
     p.add_argument("--cudagraphs", action="store_true", help="ours, with --compile: the UNet blocks as CUDA graphs")
+    p.add_argument("--graphs", action="store_true", help="ours: model.params.cuda_graphs (the UNet's eager "
+                   "forward and backward replayed from CUDA graphs, one pair per shape)")
     p.add_argument("--channels_last", action="store_true", help="the UNet's (and VAE's) 4-D weights in NHWC layout")
     p.add_argument("--whole_unet", action="store_true",
                    help="ours, with --compile: the UNet as one graph even where the trainer compiles its blocks "
@@ -289,13 +296,13 @@ def main() -> None:
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
-    args.warmup = max(args.warmup, getattr(step, "buckets", 0))  # every bucket's shapes before the timing
+    args.warmup = max(args.warmup, 3 * getattr(step, "buckets", 0))  # every bucket's shapes (and graphs) first
     step()  # build kernels (cuDNN trials when benchmark is on) before counting
     first = peak_since_reset()  # model build and the first step
     flops = step_flops(step, args.batch)  # eager: the counter cannot see inside compiled graphs
     counting = peak_since_reset()  # the counter's dispatch mode holds more than a plain step
-    if args.compile:
-        compile_fn()  # compiled on the first warm-up step
+    if args.compile or args.graphs:
+        compile_fn()  # compiled on the first warm-up step (graphs: recorded on the second)
     if args.profile:
         profile(step, rows=30)
     if args.profile_ops:
@@ -321,6 +328,7 @@ def main() -> None:
                         **({"host_delay_ms": args.host_delay_ms} if args.host_delay_ms else {}),
                         **({"cudagraphs": True, "whole_unet": args.whole_unet} if args.cudagraphs else {}),
                         **({"master": True} if args.master else {}),
+                        **({"graphs": True} if args.graphs else {}),
                         **({"torch_norm": True} if args.torch_norm else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),

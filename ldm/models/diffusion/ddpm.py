@@ -37,6 +37,7 @@ from ldm.modules.adapters.network import AdapterNetwork
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.output_cache import text_encoder_output_cache
+from ldm.modules.cuda_graphs import GraphedUNet, check_cuda_graphs, check_cuda_graphs_trainer
 from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
                                           compile_model, whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
@@ -81,6 +82,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
         compile: bool | str = False,
+        cuda_graphs: bool = False,
         channels_last: bool = False,
         activation_memory_budget: float = 1.0,
         unet_precision: str = "fp32",
@@ -177,6 +179,11 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         text_encoder_trains = cond_stage_trainable or (
             self.network_config is not None and "text_encoder" in self.network_config.targets)
         self.text_cache = text_encoder_output_cache(cache_text_encoder_outputs, text_encoder_trains)
+        self.cuda_graphs = check_cuda_graphs(
+            cuda_graphs, compile=compile, adapters=self.network_config is not None,
+            text_encoder_trains=text_encoder_trains, fused_backward=self.optimizer_config.fused_backward,
+            unet_config=unet_config)
+        self._graphed: GraphedUNet | None = None  # the first training step on a GPU makes it
 
     def _add_network(self, cfg: NetworkConfig) -> None:
         """Freeze the base model and wrap its layers with adapters (the only trained weights)."""
@@ -247,6 +254,10 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         return noise
 
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs and self.training and x_t.is_cuda:
+            if self._graphed is None:
+                self._graphed = GraphedUNet(self.model)
+            return self._graphed(x_t, t, context)  # eager without grad (validation, sampling)
         return self.model(x_t, t, context)
 
     def p_losses(self, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
@@ -379,6 +390,17 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         self.log("train/loss_smooth", self._loss_smooth, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # with CUDA graphs the gradients stay the tensors the graphs add into (ldm.modules.cuda_graphs):
+        # zeroed in place, an eager step of a new shape adds into them too instead of allocating its own
+        optimizer.zero_grad(set_to_none=self._graphed is None)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._graphed is not None:  # the graphs' memory pool back to the allocator
+            self._graphed.release()
+            self._graphed = None
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The step, then the EMA update: here rather than in on_train_batch_end (as CompVis
         did), because checkpoint callbacks run before that hook and would save an EMA one
@@ -404,6 +426,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             check_master_trainer(self.trainer, "model.params.optimizer")
         if self.cudagraphs and self._trainer is not None:
             check_cudagraphs_trainer(self.trainer)
+        if self.cuda_graphs and self._trainer is not None:
+            check_cuda_graphs_trainer(self.trainer)
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         if self.masters is not None:
             opt.use(self.masters)

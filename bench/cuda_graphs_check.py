@@ -1,0 +1,46 @@
+"""Does `model.params.cuda_graphs` (the UNet's eager forward and backward replayed from CUDA
+graphs, one pair per shape) train as the eager step does? The fine-tune configs' step (batch
+`--batch`, the VAE in the step, bf16 weights with fp32 masters) on three bucket shapes, from the
+same weights and random numbers, three times: eager, eager again (the run-to-run noise of the
+GPU's kernels), and with the graphs (each shape's first step eager, its second recorded, the
+rest replayed). Prints one JSON line: each run's losses, how far the weights moved and how far
+the graphed run's update differs from the eager one's.
+
+    python bench/cuda_graphs_check.py [--steps 12] [--batch 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+from common import emit, setup_cuda
+from cudagraphs_check import rel, seeded_run
+from train_step import step_args
+
+BUCKETS = [(512, 512), (640, 384), (384, 640)]  # (height, width) in pixels
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    setup_cuda()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"buckets": [{"height": h, "width": w, "batches": 2} for h, w in BUCKETS]}, f)
+    runs = {}
+    for name, graphs in (("eager", False), ("eager_again", False), ("graphs", True)):
+        settings = step_args(batch=args.batch, encode=True, master=True, plan=f.name, graphs=graphs)
+        runs[name] = seeded_run(settings, args.steps, compile=graphs, unet_only=True)
+    (eager, start, end), (again, start2, end2), (graphed, start3, end3) = runs.values()
+    assert rel(start2, start) == 0 and rel(start3, start) == 0, "the runs did not start from the same weights"
+    moved = {n: end[n] - start[n] for n in end}
+    emit({"losses_eager": eager, "losses_eager_again": again, "losses_graphs": graphed,
+          "weights_moved_rel": rel(end, start),
+          "update_diff_eager_again_rel": rel({n: end2[n] - start[n] for n in end}, moved),
+          "update_diff_graphs_rel": rel({n: end3[n] - start[n] for n in end}, moved)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The UNet's training forward and backward replayed from CUDA graphs, one pair per input shape.
+
+Why: an eager SD 1.x step at batch 6 launches ~4,500 kernels, and on an H100-class GPU the
+host's time to launch them (~110 ms) is as long as the GPU's time to run them: the step runs
+at the host's speed, which varies from one machine to the next and drifts within a run
+(doc/performance/end-to-end.md). A CUDA graph records the kernels once and launches them all
+with one call, so the step runs at the GPU's speed and the host is free for the rest of the
+run (the loader, the logger, the checkpoint writer). No compiler is involved: the graphs replay
+the eager kernels, and recording a new shape takes about one step's host time, not the
+minutes `compile` needs per bucket.
+
+How, per input shape (the bucket's latent size, batch size and autocast state):
+- its first call runs eagerly (cuDNN and cuBLAS set up their kernels for the shape);
+- its second call records the forward into one graph and the backward into another, both in
+  one memory pool that all shapes share (only one shape's graphs run at a time, so each
+  shape's activations reuse the same memory: the pool holds the largest shape's, not the sum);
+- every later call copies the inputs into the recorded ones and replays. The forward's output
+  is the recorded output tensor; autograd calls the backward graph with the output's gradient.
+
+The backward graph adds each weight's gradient into a gradient tensor recorded with it, kept
+for the run. Before each backward replay those tensors become the weights' `.grad` again:
+zeroed where `zero_grad` set `.grad` to None (Lightning does, before each step and before
+validation), holding its values where `.grad` is another tensor (an eager step of a new shape
+made it), so the replay adds exactly as autograd would. A weight whose storage moved (the UNet
+moved or re-cast during training) stops the run: the graphs would read memory it no longer uses.
+
+What it does not do (the config refuses these; ldm.models.diffusion.ddpm): a text encoder
+that trains (the context's gradient), adapters, gradient checkpointing, optimizer steps in the
+backward pass, `compile`, and several GPUs (the data-parallel gradient hooks run on eager
+backward only). Validation and sampling run without grad and stay eager.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Graphs:
+    """One input shape's recorded forward and backward and the tensors they read and write."""
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    out: torch.Tensor
+    grad_out: torch.Tensor
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+
+
+class _Replay(torch.autograd.Function):
+    """The recorded forward as an autograd node whose backward replays the recorded backward.
+    `anchor` (a trained weight) makes the output require grad; its gradient, like every
+    weight's, is added by the backward graph, so none is returned."""
+
+    @staticmethod
+    def forward(ctx, owner: GraphedUNet, graphs: _Graphs, x, t, context, anchor):  # noqa: ARG004
+        graphs.x.copy_(x)
+        graphs.t.copy_(t)
+        graphs.context.copy_(context)
+        graphs.forward.replay()
+        ctx.owner, ctx.graphs = owner, graphs
+        return graphs.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.owner.attach_grads()
+        ctx.graphs.grad_out.copy_(grad_out)
+        ctx.graphs.backward.replay()
+        return None, None, None, None, None, None
+
+
+class GraphedUNet:
+    """Calls `unet(x, t, context)`: eagerly where graphs do not apply (no grad, a CPU tensor,
+    an input that needs a gradient) and at a shape's first call; from a shape's second call
+    on, from its CUDA graphs."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("cuda_graphs: the UNet has no trained weights")
+        self.graphs: dict[tuple, _Graphs] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None  # made at the first recording
+        self._recorded: list[tuple[nn.Parameter, int, torch.Tensor]] = []  # (weight, its address, its gradient)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, h, w] latents, t: [B] timesteps, context: [B, L, D] -> [B, C, h, w]
+        if not (x.is_cuda and torch.is_grad_enabled() and self.unet.training
+                and not any(a.requires_grad for a in (x, t, context))):
+            return self.unet(x, t, context)
+        key = self._key(x, t, context)
+        graphs = self.graphs.get(key)
+        if graphs is None:
+            if key not in self.seen:  # the first call of a shape: eager, so its kernels are set up
+                self.seen.add(key)
+                return self.unet(x, t, context)
+            graphs = self.graphs[key] = self._record(x, t, context)
+        self._check_weights()
+        return _Replay.apply(self, graphs, x, t, context, self.params[0])
+
+    @staticmethod
+    def _key(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple:
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return tuple((a.shape, a.stride(), a.dtype) for a in (x, t, context)) + (autocast,)
+
+    def _record(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> _Graphs:
+        """Record the forward and the backward for these inputs' shape. Records only: nothing
+        runs until the caller replays."""
+        if not self._recorded:  # the gradient tensors every backward graph adds into, kept for the run
+            self._recorded = [(p, p.data_ptr(), p.grad if p.grad is not None else torch.zeros_like(p))
+                              for p in self.params]
+            self.pool = torch.cuda.graph_pool_handle()
+        self._check_weights()
+        self.attach_grads()  # the backward records in-place adds into these tensors
+        static = [torch.empty_like(a).copy_(a) for a in (x, t, context)]
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        # autocast as the caller has it, without its cache of cast weights: a cast recorded in
+        # the graph must write into the pool, not into a cache entry freed after this step.
+        # thread_local: the loader's pinning thread calls CUDA while this one records
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                            enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+            with torch.cuda.graph(forward, pool=self.pool, capture_error_mode="thread_local"):
+                out = self.unet(*static)
+        grad_out = torch.empty_like(out)
+        with torch.cuda.graph(backward, pool=self.pool, capture_error_mode="thread_local"):
+            out.backward(grad_out)
+        return _Graphs(*static, out=out.detach(), grad_out=grad_out, forward=forward, backward=backward)
+
+    def _check_weights(self) -> None:
+        for p, address, _ in self._recorded:
+            if p.data_ptr() != address:
+                raise RuntimeError(f"cuda_graphs: a UNet weight of shape {tuple(p.shape)} moved since its CUDA graphs "
+                                   f"were recorded; do not move or re-cast the UNet during training")
+
+    def attach_grads(self) -> None:
+        """Make each weight's `.grad` its recorded gradient tensor again, holding the value autograd
+        would add to: zero for None, the values of another tensor (an eager step's) copied in."""
+        stale = [(p, grad) for p, _, grad in self._recorded if p.grad is not grad]
+        if not stale:
+            return
+        zeroed = [grad for p, grad in stale if p.grad is None]
+        if zeroed:
+            torch._foreach_zero_(zeroed)
+        for p, grad in stale:
+            if p.grad is not None:
+                grad.copy_(p.grad)
+            p.grad = grad
+
+    def release(self) -> None:
+        """Free the graphs and their memory pool (the weights keep their gradients)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self._recorded = []
+        self.pool = None
+
+
+def check_cuda_graphs(enabled: bool, *, compile: bool | str, adapters: bool, text_encoder_trains: bool,
+                      fused_backward: bool, unet_config: dict) -> bool:
+    """model.params.cuda_graphs against the rest of the model's config; returns it."""
+    key = "model.params.cuda_graphs"
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{key}: expected true or false, got {enabled!r}")
+    if not enabled:
+        return False
+    refused = [(compile, "compile (its reduce-overhead mode records graphs of the compiled kernels)"),
+               (adapters, "adapters (model.params.network: use compile: reduce-overhead)"),
+               (text_encoder_trains, "a text encoder that trains (the graphs give the UNet's inputs no gradient)"),
+               (fused_backward, "optimizer.fused_backward (its steps run inside the backward pass)"),
+               ((unet_config.get("params") or {}).get("use_checkpoint", False),
+                "gradient checkpointing (unet_config.params.use_checkpoint)")]
+    for value, what in refused:
+        if value:
+            raise ValueError(f"{key}: true does not go with {what}; set cuda_graphs: false or turn that off")
+    return True
+
+
+def check_cuda_graphs_trainer(trainer) -> None:
+    """The data-parallel strategies reduce gradients from hooks of the eager backward, which a
+    replayed graph does not call."""
+    from ldm.util import ConfigError
+
+    if getattr(trainer, "world_size", 1) > 1:
+        raise ConfigError("model.params.cuda_graphs: true trains on one GPU only (the gradients of a replayed "
+                          "backward are not reduced across GPUs); set cuda_graphs: false for several GPUs")
