@@ -34,10 +34,10 @@ from ldm.models.diffusion.evaluation import Evaluation
 from ldm.models.diffusion.run_state import RunState
 from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
+from ldm.modules.cuda_graphs import GraphedUNet, check_cuda_graphs, check_cuda_graphs_trainer
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.output_cache import text_encoder_output_cache
-from ldm.modules.cuda_graphs import GraphedUNet, check_cuda_graphs, check_cuda_graphs_trainer
 from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
                                           compile_model, whole_unet_pays)
 from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
