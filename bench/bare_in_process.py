@@ -23,7 +23,9 @@ step again: what the data pipeline's presence costs a host-bound step, without L
 With `during: [steps]`, also `during_steps` bare steps between two of the run's steps at each
 of those global steps (bench/configs/bare_during.yaml): a baseline sampled across the run's own
 time, as the host's speed swings within a process; bench/end_to_end.sh leaves their time out
-of main.py's and compares with their mean.
+of main.py's and compares with their mean. With `profile: true`, after the run's bare step is
+timed, `profile_steps` more under torch's profiler, reported as bench/step_profile.py reports
+main.py's steps.
 """
 from __future__ import annotations
 
@@ -41,12 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules imp
 
 class BareInProcess(pl.Callback):
     def __init__(self, logdir: str, steps: int = 60, on_cpu: bool = False, before: bool = False,
-                 with_loader: bool = False, during: list[int] | None = None, during_steps: int = 20):
+                 with_loader: bool = False, during: list[int] | None = None, during_steps: int = 20,
+                 profile: bool = False, profile_steps: int = 8):
         self.plan = Path(logdir) / "dataset_plan.json"
         self.steps, self.on_cpu = steps, on_cpu  # on_cpu: a check of this code with a tiny config
         self.before, self.with_loader = before, with_loader
         self.during, self.during_steps = sorted(during or []), during_steps
         self.batch_size = 0
+        self.profile, self.profile_steps = profile, profile_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.during and trainer.global_step == self.during[0]:  # between two of the run's steps
@@ -65,14 +69,15 @@ class BareInProcess(pl.Callback):
         self.batch_size = max(self.batch_size, len(batch["caption"]))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.measure(trainer, pl_module, self.batch_size, "bare in process")
+        self.measure(trainer, pl_module, self.batch_size, "bare in process", profile=self.profile)
         if self.with_loader:  # A, B, A: the bare step, with the run's loader, without again
             self.measure(trainer, pl_module, self.batch_size, "bare in process (with the loader)", loader=True)
             self.measure(trainer, pl_module, self.batch_size, "bare in process (again)")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str,
-                loader: bool = False, steps: int | None = None, wait_writes: bool = True) -> None:
-        from common import CAPTIONS, our_step
+                loader: bool = False, steps: int | None = None, wait_writes: bool = True,
+                profile: bool = False) -> None:
+        from common import CAPTIONS, our_step, profile as torch_profile
         from phase_probe import Phases
         from thread_probe import Sample
         from train_step import bucket_steps
@@ -118,3 +123,6 @@ class BareInProcess(pl.Callback):
             "batch": n, "steps": steps, "img_per_s": round(n * steps / dt, 2),
             "ms_per_step": round(1000 * dt / steps, 1), **memory, "phases": phases,
             "threads": threads}), flush=True)
+        if profile and torch.cuda.is_available():
+            print(f"== step profile: {label}", flush=True)
+            torch_profile(step, steps=self.profile_steps, dump=str(self.plan.parent / "step_profile_bare.json"))

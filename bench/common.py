@@ -159,7 +159,7 @@ def time_steps(step: Callable[[], None], batch: int, steps: int, warmup: int, **
             "max_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3)}  # what the allocator held
 
 
-def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
+def profile(step: Callable[[], None], steps: int = 3, rows: int = 25, dump: str | None = None) -> None:
     """Print what takes the GPU's time, then the host's, over `steps` steps (after warm-up)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -170,10 +170,27 @@ def profile(step: Callable[[], None], steps: int = 3, rows: int = 25) -> None:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    print_profile(prof, steps, rows, dump)
+
+
+def print_profile(prof, steps: int, rows: int = 25, dump: str | None = None) -> None:
+    """The operators by GPU time, then by host time, then the kernels by kind and the GPU's idle
+    gaps. With `dump`, every kernel's (and memory copy's) GPU ms and count per step by name, as
+    JSON to that file: two profiles' files diffed show which kernels one step runs and the other not."""
     table = prof.key_averages().table
     print(table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90), flush=True)
     print(table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=90), flush=True)  # host side
     print_kernel_kinds(prof, steps)
+    if dump is not None:
+        from collections import defaultdict
+
+        from torch.autograd import DeviceType
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation:
+                totals[e.name][0] += e.device_time_total / 1000 / steps
+                totals[e.name][1] += 1 / steps
+        Path(dump).write_text(json.dumps(totals, indent=0))
 
 
 KERNEL_KINDS = [  # (kind, pattern of the GPU kernel's name); the first that matches names it
