@@ -87,7 +87,7 @@ def test_on_a_cpu_the_switch_trains_eagerly_with_the_same_loss_and_gradients():
 
 def test_gradients_are_zeroed_in_place_once_graphs_exist():
     """The graphs add into the gradient tensors they were recorded with: Lightning's zero_grad
-    keeps them (set_to_none=False) once the model has its GraphedUNet, frees them before."""
+    zeroes them in place (all at once) once the model has its GraphedUNet, frees them before."""
     model = tiny(cuda_graphs=True)
     opt = torch.optim.SGD(model.model.parameters(), lr=0.1)
     loss_and_grads(model)
