@@ -1,11 +1,12 @@
-"""The progress bar: the run's ETA, and no read-back of GPU metrics at every step."""
+"""The progress bar: the run's ETA, and no read-back of GPU metrics at every step, nor a wait for one
+when it refreshes during training."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.callbacks.progress import RunProgressBar, run_eta
+from ldm.callbacks.progress import LaggedRead, RunProgressBar, run_eta
 
 
 def test_run_eta_text():
@@ -87,3 +88,46 @@ def test_the_models_log_no_training_metric_into_lightnings_progress_bar(monkeypa
     batch = model.on_before_batch_transfer({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "caption": ["a", "b"]}, 0)
     model.training_step(batch, 0)
     assert ("train/loss", False) in logged and not any(prog_bar for _, prog_bar in logged)
+
+
+class FakeEvent:
+    """A CUDA event stand-in: `done` says whether the GPU has reached it."""
+    done = False
+
+    def record(self):
+        pass
+
+    def query(self):
+        return FakeEvent.done
+
+    def synchronize(self):
+        FakeEvent.done = True
+
+
+class AsIfOnGpu(LaggedRead):
+    on_gpu = staticmethod(lambda value: True)
+    new_event = staticmethod(FakeEvent)
+
+
+def test_lagged_read_shows_the_last_copy_that_arrived_without_waiting():
+    read, FakeEvent.done = AsIfOnGpu(), False
+    assert read({"loss": torch.tensor(1.0)}) == {}  # copy started, not arrived: nothing to show yet
+    assert read({"loss": torch.tensor(2.0)}) == {}  # still in flight: no second copy queued behind it
+    FakeEvent.done = True
+    assert read({"loss": torch.tensor(3.0)}) == {"loss": 1.0}  # the first arrived; 3.0's copy starts
+    FakeEvent.done = False
+    assert read({"loss": torch.tensor(4.0)}) == {"loss": 1.0}
+    assert read({"loss": torch.tensor(5.0)}, wait=True) == {"loss": 5.0}  # waits, reads the value now
+    plain = LaggedRead()  # values on the CPU: read at once
+    assert plain({"loss": torch.tensor(6.0)}) == {"loss": 6.0}
+
+
+def test_the_bar_waits_for_the_loss_only_outside_training_steps(tmp_path):
+    bar, waits = RunProgressBar(), []
+    real = bar._read
+    bar._read = lambda values, wait=False: waits.append(wait) or real(values, wait=wait)
+    trainer = pl.Trainer(max_steps=40, callbacks=[bar], logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, log_every_n_steps=1000, accelerator="cpu")
+    trainer.fit(TinyUnshown(), DataLoader(TensorDataset(torch.randn(80, 4)), batch_size=2))
+    assert waits.count(False) >= 3  # the refreshes every 10 steps
+    assert waits[-1] is True  # the epoch's end
