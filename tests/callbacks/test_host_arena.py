@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.callbacks import host_arena
-from ldm.callbacks.host_arena import ALIGN, HostArena
+from ldm.callbacks.host_arena import ALIGN, HostArena, register_ranges
 
 LAYOUTS = [((3, 5), torch.float32), ((7,), torch.bfloat16), ((2, 2), torch.int64), ((0,), torch.float32),
            ((3, 5), torch.float32), ((9,), torch.bool)]
@@ -43,6 +43,39 @@ def test_pin_registers_the_exact_buffer_for_every_context_and_release_undoes_it(
     arena.release()
     arena.release()
     assert calls[1:] == [("unregister", ptr)] and not arena.pinned
+
+
+def test_register_ranges_cover_the_buffer_in_whole_tensors():
+    page = ALIGN
+    offsets, sizes = [0, page, 2 * page, 5 * page, 6 * page], [page, page, 3 * page - 7, 0, page]
+    assert register_ranges(offsets, sizes, 7 * page, limit=2 * page) == [
+        (0, 2 * page), (2 * page, 3 * page), (5 * page, 2 * page)]  # the 3-page tensor alone; the empty one joins
+    assert register_ranges(offsets, sizes, 7 * page, limit=100 * page) == [(0, 7 * page)]
+    assert register_ranges([], [], page) == [(0, page)]  # nothing to hold: the one page mapped
+
+
+def test_pin_registers_range_by_range_and_a_refusal_undoes_the_others(monkeypatch):
+    calls, refuse = [], []
+    fake = SimpleNamespace(cudaError=SimpleNamespace(success=0),
+                           cudaHostRegister=lambda ptr, size, flags: calls.append(("register", ptr, size)) or (
+                               2 if len(calls) in refuse else 0),
+                           cudaHostUnregister=lambda ptr: calls.append(("unregister", ptr)) or 0)
+    monkeypatch.setattr(host_arena.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_arena.torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(host_arena, "REGISTER_BYTES", 2 * ALIGN)
+    monkeypatch.setattr(host_arena, "REGISTER_PAUSE_S", 0.0)
+    arena = HostArena(LAYOUTS, pin=True)
+    ptr = arena.buffer.data_ptr()
+    assert arena.pinned and calls == [("register", ptr, 2 * ALIGN), ("register", ptr + 2 * ALIGN, 2 * ALIGN),
+                                      ("register", ptr + 4 * ALIGN, ALIGN)]
+    arena.release()
+    assert calls[3:] == [("unregister", ptr), ("unregister", ptr + 2 * ALIGN), ("unregister", ptr + 4 * ALIGN)]
+    calls.clear()
+    refuse.append(2)  # the second range refused: the first is unregistered, the arena stays pageable
+    arena = HostArena(LAYOUTS, pin=True)
+    ptr = arena.buffer.data_ptr()
+    assert not arena.pinned and calls == [("register", ptr, 2 * ALIGN), ("register", ptr + 2 * ALIGN, 2 * ALIGN),
+                                          ("unregister", ptr)]
 
 
 def test_a_refused_registration_leaves_ordinary_memory(monkeypatch):
