@@ -24,7 +24,15 @@ validation), holding its values where `.grad` is another tensor (an eager step o
 made it), so the replay adds exactly as autograd would. A weight whose storage moved (the UNet
 moved or re-cast during training) stops the run: the graphs would read memory it no longer uses.
 
-What it does not do (the config refuses these; ldm.models.diffusion.ddpm): a text encoder
+Memory: the pool holds the recorded step's activations apart from the memory eager work
+(validation, sample grids, a new shape's first step) keeps, so a run holds about one eager
+step's working memory more than without the graphs (~26 GiB reserved against ~19-20 for SD 1.x
+at batch 6). With `auto` the graphs are recorded only where that fits: before the first
+recording, `graphs_fit` projects the memory held with the pool from what the eager steps held
+so far, against what this process can have of the GPU; where it does not fit, the run stays
+eager (on a 24 GB card with the fine-tune configs' batch 6).
+
+What it does not do (`true` refuses these, `auto` stays eager with them): a text encoder
 that trains (the context's gradient), adapters, gradient checkpointing, optimizer steps in the
 backward pass, `compile`, and several GPUs (the data-parallel gradient hooks run on eager
 backward only). Validation and sampling run without grad and stay eager.
@@ -34,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 
@@ -76,8 +85,10 @@ class GraphedUNet:
     an input that needs a gradient) and at a shape's first call; from a shape's second call
     on, from its CUDA graphs."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, auto: bool = False):
         self.unet = unet
+        self.auto = auto  # record only where the pool fits beside what eager work holds (graphs_fit)
+        self.eager_only = False  # auto found it would not fit: every call eager
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("cuda_graphs: the UNet has no trained weights")
@@ -88,8 +99,7 @@ class GraphedUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, C, h, w] latents, t: [B] timesteps, context: [B, L, D] -> [B, C, h, w]
-        if not (x.is_cuda and torch.is_grad_enabled() and self.unet.training
-                and not any(a.requires_grad for a in (x, t, context))):
+        if self.eager_only or not self._replayable(x, t, context):
             return self.unet(x, t, context)
         key = self._key(x, t, context)
         graphs = self.graphs.get(key)
@@ -97,9 +107,31 @@ class GraphedUNet:
             if key not in self.seen:  # the first call of a shape: eager, so its kernels are set up
                 self.seen.add(key)
                 return self.unet(x, t, context)
+            if self.auto and self.pool is None and not self._pool_fits():
+                self.eager_only = True
+                return self.unet(x, t, context)
             graphs = self.graphs[key] = self._record(x, t, context)
         self._check_weights()
         return _Replay.apply(self, graphs, x, t, context, self.params[0])
+
+    def _replayable(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> bool:
+        return (x.is_cuda and torch.is_grad_enabled() and self.unet.training
+                and not any(a.requires_grad for a in (x, t, context)))
+
+    @property
+    def active(self) -> bool:
+        """Whether graphs have been recorded (their gradient tensors are kept from then on)."""
+        return self.pool is not None
+
+    def _pool_fits(self) -> bool:
+        fits, projected, capacity = graphs_fit(torch.cuda.max_memory_reserved(), torch.cuda.memory_allocated(),
+                                               device_capacity())
+        gib = 2**30
+        room = f"~{projected / gib:.1f} GiB with the graphs' pool, of the {capacity / gib:.1f} GiB the process can have"
+        rank_zero_info("model.params.cuda_graphs: auto: " + (
+            f"the UNet's training steps replayed from CUDA graphs ({room})" if fits else
+            f"the UNet's training steps stay eager ({room}; 90% is the limit)"))
+        return fits
 
     @staticmethod
     def _key(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple:
@@ -158,12 +190,30 @@ class GraphedUNet:
         self.pool = None
 
 
-def check_cuda_graphs(enabled: bool, *, compile: bool | str, adapters: bool, text_encoder_trains: bool,
-                      fused_backward: bool, unet_config: dict) -> bool:
-    """model.params.cuda_graphs against the rest of the model's config; returns it."""
+def graphs_fit(peak_reserved: int, allocated: int, capacity: int, share: float = 0.9) -> tuple[bool, int, int]:
+    """Whether the graphs' pool fits (bytes): the pool takes about what an eager training step
+    took above the weights and optimizer state (`peak_reserved - allocated`, measured between
+    two steps), on top of what eager work keeps reserved (`peak_reserved`), within `share` of
+    what the process can have (`capacity`). Returns (fits, projected, capacity)."""
+    projected = peak_reserved + max(peak_reserved - allocated, 0)
+    return projected <= share * capacity, projected, capacity
+
+
+def device_capacity() -> int:
+    """Bytes of the current GPU this process can hold: what it holds plus what is free, within
+    torch.cuda.set_per_process_memory_fraction's cap."""
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return min(free + torch.cuda.memory_reserved(), int(fraction * total))
+
+
+def check_cuda_graphs(enabled: bool | str, *, compile: bool | str, adapters: bool, text_encoder_trains: bool,
+                      fused_backward: bool, unet_config: dict) -> bool | str:
+    """model.params.cuda_graphs against the rest of the model's config; returns it (True, False
+    or "auto"). `auto` is off, with a note, where `true` would be refused."""
     key = "model.params.cuda_graphs"
-    if not isinstance(enabled, bool):
-        raise ValueError(f"{key}: expected true or false, got {enabled!r}")
+    if enabled != "auto" and not isinstance(enabled, bool):
+        raise ValueError(f"{key}: expected true, false or auto, got {enabled!r}")
     if not enabled:
         return False
     refused = [(compile, "compile (its reduce-overhead mode records graphs of the compiled kernels)"),
@@ -173,16 +223,22 @@ def check_cuda_graphs(enabled: bool, *, compile: bool | str, adapters: bool, tex
                ((unet_config.get("params") or {}).get("use_checkpoint", False),
                 "gradient checkpointing (unet_config.params.use_checkpoint)")]
     for value, what in refused:
+        if value and enabled == "auto":  # where it applies: these runs stay eager
+            return False
         if value:
             raise ValueError(f"{key}: true does not go with {what}; set cuda_graphs: false or turn that off")
-    return True
+    return enabled
 
 
-def check_cuda_graphs_trainer(trainer) -> None:
+def check_cuda_graphs_trainer(trainer, enabled: bool | str) -> bool | str:
     """The data-parallel strategies reduce gradients from hooks of the eager backward, which a
-    replayed graph does not call."""
+    replayed graph does not call: `true` refuses several GPUs, `auto` is off there. Returns the
+    setting for this run."""
     from ldm.util import ConfigError
 
-    if getattr(trainer, "world_size", 1) > 1:
-        raise ConfigError("model.params.cuda_graphs: true trains on one GPU only (the gradients of a replayed "
-                          "backward are not reduced across GPUs); set cuda_graphs: false for several GPUs")
+    if getattr(trainer, "world_size", 1) <= 1:
+        return enabled
+    if enabled == "auto":
+        return False
+    raise ConfigError("model.params.cuda_graphs: true trains on one GPU only (the gradients of a replayed "
+                      "backward are not reduced across GPUs); set cuda_graphs: false for several GPUs")

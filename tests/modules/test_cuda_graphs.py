@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.modules.cuda_graphs import GraphedUNet
+from ldm.modules.cuda_graphs import GraphedUNet, device_capacity, graphs_fit
 from ldm.util import ConfigError, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_cuda_graphs_refuse_adapters_and_values_that_are_not_booleans():
     cfg = OmegaConf.load(ROOT / "tests/configs/tiny_lora.yaml").model.params
     with pytest.raises(ValueError, match="cuda_graphs: true does not go with adapters"):
         tiny(cuda_graphs=True, network=cfg.network)
-    with pytest.raises(ValueError, match="model.params.cuda_graphs: expected true or false, got 'yes'"):
+    with pytest.raises(ValueError, match="model.params.cuda_graphs: expected true, false or auto, got 'yes'"):
         tiny(cuda_graphs="yes")
 
 
@@ -73,6 +73,63 @@ def test_cuda_graphs_train_on_one_gpu_only(monkeypatch):
                 model.configure_optimizers()
         else:
             assert model.configure_optimizers()["optimizer"] is not None
+
+
+def test_auto_is_the_default_and_off_where_true_would_be_refused():
+    assert tiny().cuda_graphs == "auto"
+    cfg = OmegaConf.load(ROOT / "tests/configs/tiny_lora.yaml").model.params
+    assert tiny(network=cfg.network).cuda_graphs is False  # adapters: eager, no error
+    assert tiny(compile=True).cuda_graphs is False
+    assert tiny(cond_stage_trainable=True).cuda_graphs is False
+
+
+def test_auto_is_off_on_several_gpus(monkeypatch):
+    model = tiny()
+    trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=1, precision="32-true",
+                              max_epochs=1, datamodule=None, estimated_stepping_batches=10)
+    monkeypatch.setattr(type(model), "trainer", property(lambda self, t=trainer: t))
+    monkeypatch.setattr(model, "_trainer", trainer, raising=False)
+    model.configure_optimizers()
+    assert model.cuda_graphs is False
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("peak, allocated, capacity, fits", [
+    (19.3, 12.9, 131.0, True),  # SD 1.x batch 6 on an H200: ~25.7 GiB projected
+    (19.3, 12.9, 39.0, True),  # a 40 GB card
+    (19.3, 12.9, 23.0, False),  # a 24 GB card
+    (19.3, 12.9, 28.0, False),  # 25.7 > 0.9 x 28
+])
+def test_graphs_fit_projects_one_more_eager_step_of_working_memory(peak, allocated, capacity, fits):
+    ok, projected, _ = graphs_fit(int(peak * GIB), int(allocated * GIB), int(capacity * GIB))
+    assert ok is fits and projected == int(peak * GIB) + int(peak * GIB) - int(allocated * GIB)
+
+
+def test_device_capacity_is_what_the_process_holds_and_what_is_free_within_its_cap(monkeypatch):
+    from ldm.modules import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "mem_get_info", lambda: (60 * GIB, 80 * GIB))
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "memory_reserved", lambda: 15 * GIB)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "get_per_process_memory_fraction", lambda: 1.0, raising=False)
+    assert device_capacity() == 75 * GIB
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "get_per_process_memory_fraction", lambda: 0.25, raising=False)
+    assert device_capacity() == 20 * GIB  # a cap as on a smaller card
+
+
+def test_auto_stays_eager_for_the_run_where_the_pool_would_not_fit(monkeypatch):
+    calls = []
+    unet = torch.nn.Linear(3, 2)
+    graphed = GraphedUNet(unet, auto=True)
+    monkeypatch.setattr(graphed, "_replayable", lambda *a: True)
+    monkeypatch.setattr(graphed, "_pool_fits", lambda: calls.append("checked") or False)
+    monkeypatch.setattr(graphed, "_record", lambda *a: pytest.fail("recorded although it does not fit"))
+    x = torch.ones(2, 3)
+    unet.forward = lambda x, t, context: torch.nn.Linear.forward(unet, x)
+    for _ in range(4):
+        assert graphed(x, torch.zeros(2), torch.ones(2, 1)).shape == (2, 2)
+    assert calls == ["checked"] and graphed.eager_only and not graphed.active  # checked once, at the 2nd call
 
 
 def test_on_a_cpu_the_switch_trains_eagerly_with_the_same_loss_and_gradients():
@@ -96,7 +153,12 @@ def test_gradients_are_zeroed_in_place_once_graphs_exist():
     loss_and_grads(model)
     grads = [p.grad for p in model.model.parameters()]
     model._graphed = GraphedUNet(model.model)
-    model.optimizer_zero_grad(0, 1, opt)
+    model.optimizer_zero_grad(0, 1, opt)  # nothing recorded yet (or auto stayed eager): freed
+    assert all(p.grad is None for p in model.model.parameters())
+    for p, g in zip(model.model.parameters(), grads):
+        p.grad = g
+    model._graphed.pool = "recorded"  # as after the first recording
+    model.optimizer_zero_grad(0, 2, opt)
     assert all(p.grad is g and not g.any() for p, g in zip(model.model.parameters(), grads))
     model.on_train_end()  # the graphs go, the gradients stay
     assert model._graphed is None and all(p.grad is g for p, g in zip(model.model.parameters(), grads))

@@ -82,7 +82,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
         compile: bool | str = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | str = "auto",
         channels_last: bool = False,
         activation_memory_budget: float = 1.0,
         unet_precision: str = "fp32",
@@ -256,7 +256,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.cuda_graphs and self.training and x_t.is_cuda:
             if self._graphed is None:
-                self._graphed = GraphedUNet(self.model)
+                self._graphed = GraphedUNet(self.model, auto=self.cuda_graphs == "auto")
             return self._graphed(x_t, t, context)  # eager without grad (validation, sampling)
         return self.model(x_t, t, context)
 
@@ -391,7 +391,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         return loss
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._graphed is None:
+        if self._graphed is None or not self._graphed.active:
             optimizer.zero_grad(set_to_none=True)
             return
         # with CUDA graphs the gradients stay the tensors the graphs add into (ldm.modules.cuda_graphs):
@@ -434,7 +434,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         if self.cudagraphs and self._trainer is not None:
             check_cudagraphs_trainer(self.trainer)
         if self.cuda_graphs and self._trainer is not None:
-            check_cuda_graphs_trainer(self.trainer)
+            self.cuda_graphs = check_cuda_graphs_trainer(self.trainer, self.cuda_graphs)
         opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
         if self.masters is not None:
             opt.use(self.masters)
