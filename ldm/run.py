@@ -190,19 +190,24 @@ def run_training(cfg: DictConfig, args: argparse.Namespace, *, logdir: Path | Ca
     try:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     except torch.OutOfMemoryError as e:
-        print(f"error: {out_of_memory_advice(cfg, e, logdir)}", file=sys.stderr)
+        graphed = getattr(getattr(model, "_graphed", None), "active", False)  # cuda_graphs recorded
+        print(f"error: {out_of_memory_advice(cfg, e, logdir, graphed)}", file=sys.stderr)
         return 3
     say(f"Done. Run folder: {logdir}\n  checkpoints: {logdir / 'checkpoints'}\n"
         f"  samples:     {logdir / 'images' / 'train'}\n  TensorBoard: tensorboard --logdir {logdir}")
     return 0
 
 
-def out_of_memory_advice(cfg: DictConfig, error: BaseException, logdir: Path) -> str:
-    """What to change when the GPU runs out of memory, with the run's own values."""
+def out_of_memory_advice(cfg: DictConfig, error: BaseException, logdir: Path, graphed: bool = False) -> str:
+    """What to change when the GPU runs out of memory, with the run's own values (`graphed`: the
+    UNet's steps were replayed from CUDA graphs, whose pool holds one step's memory aside)."""
     unet = "model.params.unet_config.params.use_checkpoint"
     batch = OmegaConf.select(cfg, "data.params.batch_size")
     checkpointing = bool(OmegaConf.select(cfg, unet, default=False))
     fixes = [f"lower data.params.batch_size (now {batch})"]
+    if graphed:
+        fixes.insert(0, "set model.params.cuda_graphs=false (the graphs' memory pool holds ~one training step's "
+                        "activations beside what eager work keeps)")
     if not checkpointing:
         fixes.append(f"set {unet}=true (gradient checkpointing: an SD 1.x step at batch 6 peaks at ~14.2 GiB "
                      f"instead of ~17.2, and runs 1.3-1.9x slower)")

@@ -265,3 +265,14 @@ def test_out_of_memory_names_what_to_change(shapes, tmp_path, capsys, monkeypatc
     assert "data.params.batch_size (now 3)" in err
     assert "model.params.unet_config.params.use_checkpoint=true" in err and "presets/vram_12gb.yaml" in err
     assert str(only_run(tmp_path)) in err and (only_run(tmp_path) / "configs").is_dir()
+    assert "cuda_graphs" not in err  # nothing recorded on a CPU: not a fix here
+
+
+def test_out_of_memory_after_cuda_graphs_were_recorded_names_the_switch(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm.run import out_of_memory_advice
+
+    cfg = OmegaConf.create({"data": {"params": {"batch_size": 6}}})
+    advice = out_of_memory_advice(cfg, torch.OutOfMemoryError("CUDA out of memory."), tmp_path, graphed=True)
+    assert "To fit: set model.params.cuda_graphs=false" in advice and "batch_size (now 6)" in advice
