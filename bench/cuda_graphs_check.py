@@ -6,7 +6,7 @@ GPU's kernels), and with the graphs (each shape's first step eager, its second r
 rest replayed). Prints one JSON line: each run's losses, how far the weights moved and how far
 the graphed run's update differs from the eager one's.
 
-    python bench/cuda_graphs_check.py [--steps 12] [--batch 2]
+    python bench/cuda_graphs_check.py [--steps 12] [--batch 2] [--config CONFIG (default: the SD 1.x fine-tune)]
 """
 from __future__ import annotations
 
@@ -25,18 +25,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--config", default="configs/stable-diffusion/v1-finetune_everydream.yaml",
+                   help="the fine-tune config whose model trains (SD 1.x, SD 2.x, SD 2.x v)")
     args = p.parse_args()
     setup_cuda()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"buckets": [{"height": h, "width": w, "batches": 2} for h, w in BUCKETS]}, f)
     runs = {}
     for name, graphs in (("eager", False), ("eager_again", False), ("graphs", True)):
-        settings = step_args(batch=args.batch, encode=True, master=True, plan=f.name, graphs=graphs)
+        settings = step_args(batch=args.batch, encode=True, master=True, plan=f.name, graphs=graphs,
+                             config=args.config)
         runs[name] = seeded_run(settings, args.steps, compile=graphs, unet_only=True)
     (eager, start, end), (again, start2, end2), (graphed, start3, end3) = runs.values()
     assert rel(start2, start) == 0 and rel(start3, start) == 0, "the runs did not start from the same weights"
     moved = {n: end[n] - start[n] for n in end}
-    emit({"losses_eager": eager, "losses_eager_again": again, "losses_graphs": graphed,
+    emit({"config": args.config, "losses_eager": eager, "losses_eager_again": again, "losses_graphs": graphed,
           "weights_moved_rel": rel(end, start),
           "update_diff_eager_again_rel": rel({n: end2[n] - start[n] for n in end}, moved),
           "update_diff_graphs_rel": rel({n: end3[n] - start[n] for n in end}, moved)})
