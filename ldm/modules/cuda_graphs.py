@@ -210,7 +210,7 @@ def device_capacity() -> int:
 def check_cuda_graphs(enabled: bool | str, *, compile: bool | str, adapters: bool, text_encoder_trains: bool,
                       fused_backward: bool, unet_config: dict) -> bool | str:
     """model.params.cuda_graphs against the rest of the model's config; returns it (True, False
-    or "auto"). `auto` is off, with a note, where `true` would be refused."""
+    or "auto"). `auto` is off where `true` would be refused."""
     key = "model.params.cuda_graphs"
     if enabled != "auto" and not isinstance(enabled, bool):
         raise ValueError(f"{key}: expected true, false or auto, got {enabled!r}")

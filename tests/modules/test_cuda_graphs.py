@@ -61,13 +61,18 @@ def test_cuda_graphs_refuse_adapters_and_values_that_are_not_booleans():
         tiny(cuda_graphs="yes")
 
 
+def attach_trainer(model, monkeypatch, world_size: int) -> None:
+    """A stand-in trainer on `world_size` GPUs, as configure_optimizers reads it."""
+    trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=1, precision="32-true",
+                              max_epochs=1, datamodule=None, estimated_stepping_batches=10)
+    monkeypatch.setattr(type(model), "trainer", property(lambda self, t=trainer: t))
+    monkeypatch.setattr(model, "_trainer", trainer, raising=False)
+
+
 def test_cuda_graphs_train_on_one_gpu_only(monkeypatch):
     model = tiny(cuda_graphs=True)
     for world_size, fails in ((1, False), (2, True)):
-        trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=1, precision="32-true",
-                                  max_epochs=1, datamodule=None, estimated_stepping_batches=10)
-        monkeypatch.setattr(type(model), "trainer", property(lambda self, t=trainer: t))
-        monkeypatch.setattr(model, "_trainer", trainer, raising=False)
+        attach_trainer(model, monkeypatch, world_size)
         if fails:
             with pytest.raises(ConfigError, match="model.params.cuda_graphs: true trains on one GPU only"):
                 model.configure_optimizers()
@@ -85,10 +90,7 @@ def test_auto_is_the_default_and_off_where_true_would_be_refused():
 
 def test_auto_is_off_on_several_gpus(monkeypatch):
     model = tiny()
-    trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=1, precision="32-true",
-                              max_epochs=1, datamodule=None, estimated_stepping_batches=10)
-    monkeypatch.setattr(type(model), "trainer", property(lambda self, t=trainer: t))
-    monkeypatch.setattr(model, "_trainer", trainer, raising=False)
+    attach_trainer(model, monkeypatch, world_size=2)
     model.configure_optimizers()
     assert model.cuda_graphs is False
 
