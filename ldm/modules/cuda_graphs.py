@@ -20,8 +20,9 @@ How, per input shape (the bucket's latent size, batch size and autocast state):
 The backward graph adds each weight's gradient into a gradient tensor recorded with it, kept
 for the run. Before each backward replay those tensors become the weights' `.grad` again:
 zeroed where `.grad` was set to None (Lightning does before validation; once graphs exist,
-the model's `optimizer_zero_grad` zeroes in place instead), holding its values where `.grad` is another tensor (an eager step of a new shape
-made it), so the replay adds exactly as autograd would. A weight whose storage moved (the UNet
+the model's `optimizer_zero_grad` zeroes in place instead), holding its values where `.grad`
+is another tensor (an eager step of a new shape made it), so the replay adds exactly as
+autograd would. A weight whose storage moved (the UNet
 moved or re-cast during training) stops the run: the graphs would read memory it no longer uses.
 
 Memory: the pool holds the recorded step's activations apart from the memory eager work
