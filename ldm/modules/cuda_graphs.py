@@ -9,11 +9,15 @@ run (the loader, the logger, the checkpoint writer). No compiler is involved: th
 the eager kernels, and recording a new shape takes about one step's host time, not the
 minutes `compile` needs per bucket.
 
-How, per input shape (the bucket's latent size, batch size and autocast state):
-- its first call runs eagerly (cuDNN and cuBLAS set up their kernels for the shape);
-- its second call records the forward into one graph and the backward into another, both in
-  one memory pool that all shapes share (only one shape's graphs run at a time, so each
-  shape's activations reuse the same memory: the pool holds the largest shape's, not the sum);
+How:
+- the first training calls run eagerly until the memory held between steps stops growing (the
+  first sets up cuBLAS and cuDNN, the optimizer makes its state in it): usually two;
+- then each input shape (the bucket's latent size, batch size and autocast state) is recorded
+  at its first call: the forward into one graph and the backward into another, all in one
+  memory pool that all shapes share (only one shape's graphs run at a time, so each shape's
+  activations reuse the same memory: the pool holds about the largest shape's, not the sum);
+  with cuDNN's trials on (`lightning.trainer.benchmark`) a shape's first call runs eagerly
+  first, as the trials cannot run inside a recording;
 - every later call copies the inputs into the recorded ones and replays. The forward's output
   is the recorded output tensor; autograd calls the backward graph with the output's gradient.
 
@@ -21,17 +25,20 @@ The backward graph adds each weight's gradient into a gradient tensor recorded w
 for the run. Before each backward replay those tensors become the weights' `.grad` again:
 zeroed where `.grad` was set to None (Lightning does before validation; once graphs exist,
 the model's `optimizer_zero_grad` zeroes in place instead), holding its values where `.grad`
-is another tensor (an eager step of a new shape made it), so the replay adds exactly as
-autograd would. A weight whose storage moved (the UNet
-moved or re-cast during training) stops the run: the graphs would read memory it no longer uses.
+is another tensor (an eager step's), so the replay adds exactly as autograd would. A weight
+whose storage moved (the UNet moved or re-cast during training) stops the run: the graphs
+would read memory it no longer uses.
 
 Memory: the pool holds the recorded step's activations apart from the memory eager work
-(validation, sample grids, a new shape's first step) keeps, so a run holds about one eager
-step's working memory more than without the graphs (~26 GiB reserved against ~19-20 for SD 1.x
-at batch 6). With `auto` the graphs are recorded only where that fits: before the first
-recording, `graphs_fit` projects the memory held with the pool from what the eager steps held
-so far, against what this process can have of the GPU; where it does not fit, the run stays
-eager (on a 24 GB card with the fine-tune configs' batch 6).
+(validation, sample grids, the VAE's encoding in the step) keeps; each recording starts by
+returning the allocator's cache to the driver (torch.cuda.graph does). SD 1.x at batch 6 held
+21.2 GiB reserved with the graphs against 18.7 eager, with main.py's allocator setting
+(expandable segments; 25-28 GiB without it, where the pool's blocks of one shape's sizes do not
+fit the next shape's). With `auto` the graphs are recorded only where that surely fits: before
+the first recording, `graphs_fit` projects the memory held with the pool from what the eager
+steps held, against what this process can have of the GPU; where it does not fit, the run stays
+eager (on a 24 GB card with the fine-tune configs' batch 6, where `true` fits with ~1.8 GiB to
+spare: doc/performance/end-to-end.md).
 
 What it does not do (`true` refuses these, `auto` stays eager with them): a text encoder
 that trains (the context's gradient), adapters, gradient checkpointing, optimizer steps in the
@@ -83,8 +90,8 @@ class _Replay(torch.autograd.Function):
 
 class GraphedUNet:
     """Calls `unet(x, t, context)`: eagerly where graphs do not apply (no grad, a CPU tensor,
-    an input that needs a gradient) and at a shape's first call; from a shape's second call
-    on, from its CUDA graphs."""
+    an input that needs a gradient) and before the first recording (`_record_now`); after it,
+    from each shape's CUDA graphs, recorded at the shape's first call."""
 
     def __init__(self, unet: nn.Module, auto: bool = False):
         self.unet = unet
@@ -94,7 +101,8 @@ class GraphedUNet:
         if not self.params:
             raise ValueError("cuda_graphs: the UNet has no trained weights")
         self.graphs: dict[tuple, _Graphs] = {}
-        self.seen: set[tuple] = set()
+        self.seen: set[tuple] = set()  # shapes cuDNN's trials have run for (torch.backends.cudnn.benchmark)
+        self._held: int | None = None  # memory allocated at the last eager call before the first recording
         self.pool = None  # made at the first recording
         self._recorded: list[tuple[nn.Parameter, int, torch.Tensor]] = []  # (weight, its address, its gradient)
 
@@ -105,11 +113,10 @@ class GraphedUNet:
         key = self._key(x, t, context)
         graphs = self.graphs.get(key)
         if graphs is None:
-            if key not in self.seen:  # the first call of a shape: eager, so its kernels are set up
+            if torch.backends.cudnn.benchmark and key not in self.seen:  # its trials cannot run in a recording
                 self.seen.add(key)
                 return self.unet(x, t, context)
-            if self.auto and self.pool is None and not self._pool_fits():
-                self.eager_only = True
+            if self.pool is None and not self._record_now():
                 return self.unet(x, t, context)
             graphs = self.graphs[key] = self._record(x, t, context)
         self._check_weights()
@@ -123,6 +130,20 @@ class GraphedUNet:
     def active(self) -> bool:
         """Whether graphs have been recorded (their gradient tensors are kept from then on)."""
         return self.pool is not None
+
+    def _record_now(self) -> bool:
+        """Before the first recording: eager steps until the memory held between steps stops growing
+        (the first step sets up cuBLAS and cuDNN, the optimizer makes its state in it), so that the
+        last eager step ran beside everything a graphed one will; then, with auto, record only where
+        the pool fits (`graphs_fit`), else stay eager for the run."""
+        held, before = torch.cuda.memory_allocated(), self._held
+        self._held = held
+        if before is None or held > 1.01 * before:
+            return False
+        if self.auto and not self._pool_fits():
+            self.eager_only = True
+            return False
+        return True
 
     def _pool_fits(self) -> bool:
         fits, projected, capacity = graphs_fit(torch.cuda.max_memory_reserved(), torch.cuda.memory_allocated(),

@@ -120,18 +120,55 @@ def test_device_capacity_is_what_the_process_holds_and_what_is_free_within_its_c
     assert device_capacity() == 20 * GIB  # a cap as on a smaller card
 
 
-def test_auto_stays_eager_for_the_run_where_the_pool_would_not_fit(monkeypatch):
-    calls = []
-    unet = torch.nn.Linear(3, 2)
-    graphed = GraphedUNet(unet, auto=True)
+def fake_graphs(monkeypatch, graphed: GraphedUNet, held_gib: list[float]) -> list[str]:
+    """Run GraphedUNet's choices on a CPU: each call's memory held between steps from `held_gib`,
+    recording and replaying stood in for; returns what each call did ("eager", "record", "replay")."""
+    from ldm.modules import cuda_graphs
+
+    calls, held = [], iter(held_gib)
     monkeypatch.setattr(graphed, "_replayable", lambda *a: True)
-    monkeypatch.setattr(graphed, "_pool_fits", lambda: calls.append("checked") or False)
-    monkeypatch.setattr(graphed, "_record", lambda *a: pytest.fail("recorded although it does not fit"))
-    x = torch.ones(2, 3)
-    unet.forward = lambda x, t, context: torch.nn.Linear.forward(unet, x)
-    for _ in range(4):
-        assert graphed(x, torch.zeros(2), torch.ones(2, 1)).shape == (2, 2)
-    assert calls == ["checked"] and graphed.eager_only and not graphed.active  # checked once, at the 2nd call
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "memory_allocated", lambda: int(next(held) * GIB))
+
+    def record(x, t, context):
+        calls.append("record")
+        graphed.pool = "recorded"
+        return "graphs"
+    monkeypatch.setattr(graphed, "_record", record)
+    monkeypatch.setattr(cuda_graphs._Replay, "apply", lambda *a: calls.append("replay") or a[3])
+    graphed.unet.forward = lambda x, t, context: calls.append("eager") or x
+    return calls
+
+
+def run_shapes(graphed: GraphedUNet, widths: list[int]) -> None:
+    for w in widths:
+        graphed(torch.ones(2, 4, 8, w), torch.zeros(2), torch.ones(2, 77, 8))
+
+
+def test_recording_waits_until_the_memory_held_between_steps_stops_growing(monkeypatch):
+    """The optimizer makes its state in the first step: the graphs are recorded after an eager
+    step that ran beside it; then each new shape is recorded at its first call."""
+    graphed = GraphedUNet(torch.nn.Linear(3, 2))
+    calls = fake_graphs(monkeypatch, graphed, [2.0, 13.3, 13.3])  # read until the first recording
+    run_shapes(graphed, [8, 8, 10, 12, 10, 8])
+    assert calls == ["eager", "eager", "record", "replay", "record", "replay", "replay", "record", "replay"]
+
+
+def test_with_cudnn_trials_on_each_new_shape_runs_eagerly_first(monkeypatch):
+    graphed = GraphedUNet(torch.nn.Linear(3, 2))
+    calls = fake_graphs(monkeypatch, graphed, [13.3, 13.3])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    run_shapes(graphed, [8, 8, 8, 10, 10])  # 8: the trials, then the two eager steps before recording
+    assert calls == ["eager", "eager", "record", "replay", "eager", "record", "replay"]
+
+
+def test_auto_stays_eager_for_the_run_where_the_pool_would_not_fit(monkeypatch):
+    checked = []
+    graphed = GraphedUNet(torch.nn.Linear(3, 2), auto=True)
+    calls = fake_graphs(monkeypatch, graphed, [2.0, 13.3, 13.3])
+    monkeypatch.setattr(graphed, "_pool_fits", lambda: checked.append(len(calls)) or False)
+    run_shapes(graphed, [8, 8, 8, 10, 8])
+    assert calls == ["eager"] * 5 and graphed.eager_only and not graphed.active
+    assert checked == [2]  # once, at the third call: the first after the optimizer made its state
 
 
 def test_on_a_cpu_the_switch_trains_eagerly_with_the_same_loss_and_gradients():
