@@ -276,3 +276,20 @@ def test_out_of_memory_after_cuda_graphs_were_recorded_names_the_switch(tmp_path
     cfg = OmegaConf.create({"data": {"params": {"batch_size": 6}}})
     advice = out_of_memory_advice(cfg, torch.OutOfMemoryError("CUDA out of memory."), tmp_path, graphed=True)
     assert "To fit: set model.params.cuda_graphs=false" in advice and "batch_size (now 6)" in advice
+
+
+@pytest.mark.parametrize("user, expected", [
+    ({}, "expandable_segments:True None"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "max_split_size_mb:128 None"),
+    ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:128"}, "None max_split_size_mb:128"),
+])
+def test_main_py_grows_the_allocators_segments_unless_the_user_set_it(user, expected):
+    """main.py sets CUDA's allocator to expandable segments before torch starts (the CUDA graphs
+    fit a 24 GB card with it); a setting of the user's own, under either name, is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    code = ("import os, main; "
+            "print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), os.environ.get('PYTORCH_ALLOC_CONF'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **user}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == expected
