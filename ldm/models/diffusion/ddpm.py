@@ -395,7 +395,7 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return
         # with CUDA graphs the gradients stay the tensors the graphs add into (ldm.modules.cuda_graphs):
-        # zeroed in place, an eager step of a new shape adds into them too instead of allocating its own.
+        # zeroed in place; an eager step (a new shape's, with cuDNN's trials on) adds into them too.
         # One multi-tensor kernel per few dozen gradients: Optimizer.zero_grad launches one per weight
         # (~690 for SD's UNet, 2 ms of the GPU's 110 per batch-6 step; doc/performance/end-to-end.md)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
