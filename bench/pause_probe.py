@@ -14,7 +14,8 @@ start in the gap, and the loop's marks (validation start and end, epoch end and 
 theirs: the time between marks that no call covers is Lightning's loop and the loader's.
 Python's garbage collections over `min_ms` are listed among the calls as "gc gen N", and so are
 the checkpoint writer thread's reserve of the first save's host memory and its cudaHostRegister
-call (`reserve`, host_arena.py); a call is listed in every gap it overlaps.
+call (`reserve`, host_arena.py), and each recording of a shape's CUDA graphs (`cuda_graphs
+record`, model.params.cuda_graphs); a call is listed in every gap it overlaps.
 
 With `stack_after_s` (from global step `stack_from`), a step that runs longer than that has the
 Python stacks of all threads written to <log dir>/pause_stacks.txt by faulthandler's watchdog,
@@ -34,6 +35,7 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 
 from ldm.callbacks import checkpointing, host_arena
+from ldm.modules import cuda_graphs
 
 
 class PauseProbe(pl.Callback):
@@ -74,6 +76,8 @@ class PauseProbe(pl.Callback):
         # the first save's host memory, reserved by the writer thread after the first step
         self._wrap(checkpointing, "_touched_host_tensors", "reserve (writer thread)")
         self._wrap(host_arena, "_register", "cudaHostRegister (writer thread)")
+        # a bucket shape's CUDA graphs recorded at its first call (a class attribute: every instance)
+        self._wrap(cuda_graphs.GraphedUNet, "_record", "cuda_graphs record")
         gc.callbacks.append(self._gc)
 
     def _gc(self, phase: str, info: dict) -> None:
