@@ -41,6 +41,18 @@ def test_rows_are_kept_in_autocasts_dtype_under_autocast():
     assert cache.bytes == 77 * 8 * 2
 
 
+def test_the_stored_batch_comes_back_in_the_rows_dtype_even_past_the_size_limit():
+    """The step that fills the cache gets the context later steps get from it: one dtype for
+    the UNet (a shape recorded once with cuda_graphs, compiled once with compile)."""
+    cache = TextEncoderOutputCache(max_bytes=77 * 8 * 2)
+    context = torch.randn(2, 77, 8)  # fp32, as the encoder's last LayerNorm gives it under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cache.store(["a", "b"], context)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, context.bfloat16())
+    assert cache.full and len(cache) == 1  # "b" did not fit, yet its row came back in bf16 too
+    assert cache.store(["c"], context[:1]).dtype == torch.float32  # no autocast: as the encoder gave it
+
+
 def test_captions_past_the_size_limit_are_not_kept():
     row = 77 * 8 * 4
     cache = TextEncoderOutputCache(max_bytes=2 * row)
@@ -85,7 +97,9 @@ def test_a_cached_step_gives_the_uncached_loss_and_gradients_under_autocast(monk
     cached = build()
     plain = build(cache_text_encoder_outputs=False)
     plain.load_state_dict(cached.state_dict())
-    results = []
+    results, dtypes = [], []
+    apply_model = cached.apply_model  # the UNet's context: one dtype whether encoded in the step or kept
+    monkeypatch.setattr(cached, "apply_model", lambda x, t, c: dtypes.append(c.dtype) or apply_model(x, t, c))
     for model in (plain, cached, cached):
         loader_batch = batch()
         model.on_fit_start()  # the noise stream, seeded alike for each step
@@ -98,7 +112,7 @@ def test_a_cached_step_gives_the_uncached_loss_and_gradients_under_autocast(monk
             loss = model.shared_step(moved)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.model.parameters()]))
-    assert len(cached.text_cache) == 2
+    assert len(cached.text_cache) == 2 and dtypes == [torch.bfloat16, torch.bfloat16]
     for loss, grads in results[1:]:
         assert torch.equal(loss, results[0][0])
         assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0][1]))

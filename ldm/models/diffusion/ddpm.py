@@ -240,8 +240,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         context = cache.lookup(batch["caption"]) if cache is not None else None
         if context is None:
             context = self.get_learned_conditioning(batch["tokens"] if "tokens" in batch else batch["caption"])
-            if cache is not None:
-                cache.store(batch["caption"], context)
+            if cache is not None:  # in the kept rows' dtype: what later, cached steps get
+                context = cache.store(batch["caption"], context)
         return context
 
     # ---- diffusion ----------------------------------------------------------------

@@ -45,11 +45,15 @@ class TextEncoderOutputCache:
             return None
         return torch.stack([self.rows[c] for c in captions])
 
-    def store(self, captions: Sequence[str], context: torch.Tensor) -> None:
+    def store(self, captions: Sequence[str], context: torch.Tensor) -> torch.Tensor:
         """Keep row i of `context` [B, L, D] (the encoder's output for this batch) for captions[i]
-        not yet kept, in autocast's dtype when autocast is on, while the cache has room."""
+        not yet kept, in autocast's dtype when autocast is on, while the cache has room. Returns
+        the batch's context in that dtype, as `lookup` gives it: every training step then hands
+        the UNet one dtype, so a shape is recorded once with `cuda_graphs` and compiled once with
+        `compile` (the encoder's output is fp32 under autocast, its LayerNorm's dtype)."""
         device = context.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else context.dtype
+        context = context.detach().to(dtype)
         for i, caption in enumerate(captions):
             if caption in self.rows or self.full:
                 continue
@@ -57,8 +61,9 @@ class TextEncoderOutputCache:
             if self.bytes + size > self.max_bytes:
                 self.full = True
                 continue
-            self.rows[caption] = context[i].detach().to(dtype, copy=True)
+            self.rows[caption] = context[i].clone()
             self.bytes += size
+        return context
 
 
 def text_encoder_output_cache(setting: bool | None, text_encoder_trains: bool,
