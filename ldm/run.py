@@ -20,13 +20,13 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ldm.callbacks.adapter_saver import AdapterSaver
 from ldm.callbacks.checkpointing import (AtomicCheckpointIO, BackgroundCheckpointIO, InterruptCheckpoint,
                                          RunCheckpoint)
 from ldm.callbacks.latent_cache import LatentCacheFiller, wants_latent_cache
-from ldm.callbacks.lr_monitor import LearningRateMonitor
 from ldm.callbacks.progress import RunProgressBar
 from ldm.callbacks.tensorboard_crc import use_fast_crc32c
 from ldm.callbacks.throughput import Throughput
