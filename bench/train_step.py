@@ -61,6 +61,7 @@ from ldm.optim.master_weights import MasterWeights  # noqa: E402
 def ours(args: argparse.Namespace, with_model: bool = False):
     model = our_model(args.config, args.ckpt,
                       train_text_encoder=args.text_encoder)
+    model.cuda_graphs = False  # the configs' `auto` would record the step's graphs (compiled: refused); --graphs
     optimizer = None
     if args.low_memory:  # unet_precision: bf16 (frozen VAE and text encoder too), adamw_bf16, fused_backward
         frozen = [model.first_stage_model] + ([] if args.text_encoder else [model.cond_stage_model])
