@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.nhwc import cat_channels, upsample_nearest2x
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 
 
@@ -78,7 +78,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(upsample_nearest2x(x))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -227,5 +227,5 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = block(cat_channels(h, skips.pop()), emb, context)
         return self.out(h)

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ldm.modules.diffusionmodules import triton_group_norm
+from ldm.modules.diffusionmodules.nhwc import compiling_nhwc
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -77,8 +78,7 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.dim() == 4 and not x.is_contiguous() \
-                and x.is_contiguous(memory_format=torch.channels_last):
+        if compiling_nhwc(x):
             # inductor fuses the float32 round trip into the norm's kernels
             return group_norm_channels_last(x.float(), self.num_groups, _cast(self.weight, torch.float32),
                                             _cast(self.bias, torch.float32), self.eps).to(x.dtype)
