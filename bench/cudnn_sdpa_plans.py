@@ -5,9 +5,9 @@
 PyTorch builds cuDNN's fused attention graph with heuristic mode A and runs the first plan that
 builds. This script asks cuDNN's own frontend (the `nvidia-cudnn-frontend` package: a
 bench-only dependency, installed beside torch on the GPU machine) for every plan of heuristic
-modes A, B and FALLBACK, for the forward (with the softmax statistics a backward needs) and the
-backward, and each implementation the frontend names (AUTO, COMPOSITE, UNIFIED). Each plan that
-builds is timed (GPU time, CUDA events) and checked against torch's
+modes A, B and FALLBACK: for the forward (with the softmax statistics a backward needs) in each
+implementation the frontend names (AUTO, COMPOSITE, UNIFIED), and for the backward (which takes
+no implementation). Each plan that builds is timed (GPU time, CUDA events) and checked against torch's
 F.scaled_dot_product_attention on the same tensors, laid out as the model lays them out
 ([B, N, heads * d] viewed as [B, heads, N, d]). One JSON line per plan, plus torch's own times.
 On the GPU machine: `pip install nvidia-cudnn-frontend` (1.32.0 measured) beside torch; the
@@ -136,7 +136,6 @@ def main() -> None:
         q, k, v, d_o = (tokens(args.batch, n, d) for _ in range(4))
         fwd, bwd, out, *grads = torch_reference(q, k, v, d_o)
         emit({"shape": shape, "torch_forward_ms": round(fwd, 3), "torch_backward_ms": round(bwd, 3)})
-        lse = None
         for impl_name, impl in impls.items():
             for mode in modes:
                 run_plans(cudnn, handle, lambda: forward_graph(cudnn, handle, q, k, v, impl), mode, (out,),

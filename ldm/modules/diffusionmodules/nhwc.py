@@ -12,8 +12,8 @@ step:
   new NCHW map (6 convolutions: the two behind each Upsample's input).
 
 Here the concatenation's backward returns NHWC slices and the upsampling is a broadcast of
-the NHWC memory, whose backward is a sum over each 2x2 block: inductor fuses both into the
-kernels around them: the SD 1.x step at batch 32 1.016x faster (doc/performance/step.md,
+the NHWC memory, whose backward is a sum over each 2x2 block; inductor fuses both into the
+kernels around them (the SD 1.x step at batch 32 ran 1.016x faster, doc/performance/step.md,
 thirty-third session). Eager mode (where the concatenation's copy would only move, and torch's
 upsampling kernels keep NHWC) and NCHW maps take torch's own operations.
 """
