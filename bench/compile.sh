@@ -47,5 +47,7 @@ row full32clsrck 300 bench/train_step.py --impl ours --batch 32 --compile --chan
 row full32clsrcgw 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --cudagraphs --whole_unet
 row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update
 row full32clms 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master
+row full32clmslt 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --blas cublaslt
+row full32clmsto 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --blas tunableop
 row eager32ms  150 bench/train_step.py --impl ours --batch 32 --master
 row encode32clms 300 bench/train_step.py --impl ours --batch 32 --encode --compile --channels_last --master

@@ -17,6 +17,7 @@
     python bench/train_step.py --impl ours --batch 32 --compile --compile_blocks   # blocks, not the whole UNet
     python bench/train_step.py --impl ours --batch 32 --compile --cudagraphs --whole_unet   # the UNet as one CUDA graph
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
+    python bench/train_step.py ... --blas cublaslt|tunableop     # the products' library (bench/gemm_shapes.py)
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
@@ -214,6 +215,19 @@ def set_inductor(settings: str) -> None:
         setattr(target, name, type(getattr(target, name))(int(value) if value.isdigit() else value))
 
 
+def set_blas(blas: str) -> None:
+    if blas == "cublaslt":
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    elif blas == "tunableop":
+        tunable = torch.cuda.tunable
+        tunable.set_filename("/tmp/train_step_tunableop.csv")
+        if hasattr(tunable, "write_file_on_exit"):  # torch >= 2.12
+            tunable.write_file_on_exit(False)
+        tunable.enable(True)
+        tunable.tuning_enable(True)
+        tunable.set_max_tuning_duration(100)  # ms per shape
+
+
 def peak_since_reset() -> int:
     peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -239,6 +253,7 @@ def parser() -> argparse.ArgumentParser:
                                   "as often as the plan has batches of each, instead of 512 x 512")
     p.add_argument("--no_cudnn_benchmark", action="store_true", help="cuDNN's default algorithms, no trials")
     p.add_argument("--profile", action="store_true", help="print the kernels and host ops that take the time instead")
+    p.add_argument("--profile_dump", help="with --profile: each kernel's GPU ms and calls a step, as JSON to this file")
     p.add_argument("--profile_ops", help="comma-separated operators (aten::copy_): their GPU time by input shapes "
                                          "and by calling Python lines, instead")
     p.add_argument("--host_profile", action="store_true", help="print the host's time by Python function instead")
@@ -276,6 +291,9 @@ def parser() -> argparse.ArgumentParser:
                    help="ours, --channels_last eager: torch's GroupNorm (NCHW copies) instead of group_norm_nhwc")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
+    p.add_argument("--blas", choices=["default", "cublaslt", "tunableop"], default="default",
+                   help="the products' library: torch's choice, cuBLASLt preferred, or TunableOp (each shape's "
+                        "fastest cuBLAS/cuBLASLt algorithm, tuned at its first call; bench/gemm_shapes.py)")
     return p
 
 
@@ -294,6 +312,7 @@ def main() -> None:
         torch._functorch.config.activation_memory_budget = args.memory_budget
     set_inductor(args.inductor)
     setup_cuda()
+    set_blas(args.blas)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
@@ -305,7 +324,7 @@ def main() -> None:
     if args.compile or args.graphs:
         compile_fn()  # compiled on the first warm-up step (graphs: recorded on the second)
     if args.profile:
-        profile(step, rows=30)
+        profile(step, rows=30, dump=args.profile_dump)
     if args.profile_ops:
         profile_ops(step, args.profile_ops.split(","))
     if args.host_profile:
@@ -332,6 +351,7 @@ def main() -> None:
                         **({"graphs": True} if args.graphs else {}),
                         **({"torch_norm": True} if args.torch_norm else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
+                        **({"blas": args.blas} if args.blas != "default" else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),
