@@ -379,6 +379,33 @@ def sync_check(step: Callable[[], None]) -> None:
     print("sync check done", flush=True)
 
 
+def gpu_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """GPU ms of one call of `fn`: CUDA events around `reps` calls, after three."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def tunableop(filename: str, max_tuning_ms: int) -> None:
+    """Turn on torch's TunableOp: each product shape's first call times the cuBLAS / cuBLASLt
+    algorithms the heuristics offer (up to `max_tuning_ms`) and later calls use the fastest.
+    Results kept in memory (`filename` only where torch would write them)."""
+    tunable = torch.cuda.tunable
+    tunable.set_filename(filename)
+    if hasattr(tunable, "write_file_on_exit"):  # torch >= 2.12
+        tunable.write_file_on_exit(False)
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    tunable.set_max_tuning_duration(max_tuning_ms)
+
+
 def setup_cuda() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

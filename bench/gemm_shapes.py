@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import torch
 
-from common import emit, matmul_tflops, setup_cuda
+from common import emit, gpu_ms, matmul_tflops, setup_cuda, tunableop
 from train_step import ours, step_args
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -119,19 +119,6 @@ def as_tensor(shape: list, stride: list, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(size, device="cuda", dtype=dtype).as_strided(shape, stride)
 
 
-def time_call(fn, reps: int = 30) -> float:
-    """GPU ms of one call (CUDA events around `reps` calls, after three)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def alternatives(key: tuple, group: list, rate: float) -> dict:
     """Time one group's product alone: as the step calls it, cuBLASLt preferred, TunableOp, Triton."""
     import ast
@@ -147,24 +134,18 @@ def alternatives(key: tuple, group: list, rate: float) -> dict:
     def call():
         return op(*args)
     flops = product_flops(name, shapes)
-    times = {"cublas": time_call(call)}
+    times = {"cublas": gpu_ms(call)}
     torch.backends.cuda.preferred_blas_library("cublaslt")
-    times["cublaslt"] = time_call(call)
+    times["cublaslt"] = gpu_ms(call)
     torch.backends.cuda.preferred_blas_library("default")
-    tunable = torch.cuda.tunable
-    tunable.set_filename("/tmp/gemm_shapes_tunableop.csv")
-    if hasattr(tunable, "write_file_on_exit"):  # torch >= 2.12
-        tunable.write_file_on_exit(False)
-    tunable.enable(True)
-    tunable.tuning_enable(True)
-    tunable.set_max_tuning_duration(200)
+    tunableop("/tmp/gemm_shapes_tunableop.csv", max_tuning_ms=200)
     try:
         call()  # tunes this shape
-        tunable.tuning_enable(False)
-        times["tunableop"] = time_call(call)
+        torch.cuda.tunable.tuning_enable(False)
+        times["tunableop"] = gpu_ms(call)
     except RuntimeError as e:
         times["tunableop"] = f"failed: {e}"[:120]
-    tunable.enable(False)
+    torch.cuda.tunable.enable(False)
     import torch._inductor.config as inductor_config
     with inductor_config.patch(max_autotune_gemm_backends="TRITON"):
         torch._dynamo.reset()
@@ -172,7 +153,7 @@ def alternatives(key: tuple, group: list, rate: float) -> dict:
         t0 = time.perf_counter()
         try:
             compiled(*args)
-            times["triton"] = time_call(lambda: compiled(*args))
+            times["triton"] = gpu_ms(lambda: compiled(*args))
         except Exception as e:  # no template for the shape: say so, keep the other rows
             times["triton"] = f"failed: {type(e).__name__}"
         compile_s = time.perf_counter() - t0

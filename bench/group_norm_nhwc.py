@@ -9,30 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.modules.diffusionmodules.triton_group_norm import group_norm_nhwc  # noqa: E402
+from common import gpu_ms
+from ldm.modules.diffusionmodules.triton_group_norm import group_norm_nhwc  # noqa: E402 (common: repo on sys.path)
 
 SHAPES = [  # (channels, side): UNet at 512 px (latents 64x64), its concatenations, the VAE encoder at 512 px
     (320, 64), (640, 32), (1280, 16), (1280, 8), (960, 64), (2560, 16), (128, 512), (256, 256), (512, 64)]
-
-
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -61,8 +46,8 @@ def main() -> None:
             dx, = torch.autograd.grad(y, x, dy)
             row[name + "_max_diff"] = [round((y.float() - ref).abs().max().item(), 4),
                                        round((dx.float() - ref_dx).abs().max().item(), 4)]
-            row[name + "_ms"] = [round(timed(lambda: norm(x.detach())), 3),  # forward, then forward + backward
-                                 round(timed(lambda: torch.autograd.grad(norm(x), x, dy)), 3)]
+            row[name + "_ms"] = [round(gpu_ms(lambda: norm(x.detach())), 3),  # forward, then forward + backward
+                                 round(gpu_ms(lambda: torch.autograd.grad(norm(x), x, dy)), 3)]
         print(json.dumps(row), flush=True)
 
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
-                    profile_ops, setup_cuda, step_flops, sync_check, time_steps)
+                    profile_ops, setup_cuda, step_flops, sync_check, time_steps, tunableop)
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.modules.diffusionmodules import triton_group_norm  # noqa: E402
 from ldm.optim import low_memory  # noqa: E402
@@ -219,13 +219,7 @@ def set_blas(blas: str) -> None:
     if blas == "cublaslt":
         torch.backends.cuda.preferred_blas_library("cublaslt")
     elif blas == "tunableop":
-        tunable = torch.cuda.tunable
-        tunable.set_filename("/tmp/train_step_tunableop.csv")
-        if hasattr(tunable, "write_file_on_exit"):  # torch >= 2.12
-            tunable.write_file_on_exit(False)
-        tunable.enable(True)
-        tunable.tuning_enable(True)
-        tunable.set_max_tuning_duration(100)  # ms per shape
+        tunableop("/tmp/train_step_tunableop.csv", max_tuning_ms=100)
 
 
 def peak_since_reset() -> int:
