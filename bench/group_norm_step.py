@@ -1,0 +1,109 @@
+"""How far from the memory rate do the compiled step's GroupNorms (with their SiLU) run?
+
+    python bench/group_norm_step.py [--batch 32]
+
+Every GroupNorm of SD 1.x's UNet at 512 px, with the SiLU after it where the UNet has one (the
+ResBlocks and the output), by shape and count per step. Forward + backward (the input's, the
+weight's and the bias's gradients), GPU ms, on a bf16 NHWC map with bf16 weights, as target 1's
+compiled step (`compile`, `channels_last`, `adamw_master`) runs them:
+
+    compiled   GroupNorm32 (+ SiLU) under torch.compile: group_norm_channels_last's decomposition
+               and the kernels inductor makes of it
+    triton     triton_group_norm.group_norm_nhwc (+ F.silu), eager: the kernels eager
+               `channels_last` runs
+    floor      the map-sized passes a norm cannot avoid (forward: x read for the statistics, read
+               again and y written; backward: x and dy read for the sums, read again and dx
+               written: 8), at the copy rate measured in the same process
+
+One JSON line per shape (ms per call and per step, the two paths' largest difference), then the
+step's totals. The profile of the compiled step puts 15.4 ms a step in inductor's kernels whose
+names say GroupNorm + SiLU (doc/performance/step.md, thirty-fourth session).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import emit, gpu_ms, setup_cuda
+from ldm.modules.diffusionmodules.triton_group_norm import group_norm_nhwc  # noqa: E402 (common: repo on sys.path)
+from ldm.modules.diffusionmodules.util import GroupNorm32  # noqa: E402
+
+NORMS = [  # (channels, side, with SiLU per step, without per step): SD 1.x's UNet at 64x64 latents
+    (320, 64, 8, 5), (640, 64, 2, 0), (960, 64, 1, 0),
+    (320, 32, 1, 0), (640, 32, 6, 5), (960, 32, 1, 0), (1280, 32, 1, 0), (1920, 32, 1, 0),
+    (640, 16, 1, 0), (1280, 16, 6, 5), (1920, 16, 1, 0), (2560, 16, 2, 0),
+    (1280, 8, 11, 1), (2560, 8, 3, 0)]
+PASSES = 8
+
+
+def copy_rate(gib: float = 2.0) -> float:
+    """Bytes per ms a large device-to-device copy moves (read + write)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / gpu_ms(lambda: dst.copy_(src), reps=10)
+
+
+def paths(c: int, silu: bool) -> dict:
+    """name -> (function of (x, weight, bias) -> y): the compiled module and the Triton kernels."""
+    module = nn.Sequential(GroupNorm32(32, c), nn.SiLU() if silu else nn.Identity()).cuda()
+    compiled = torch.compile(lambda x, w, b: module(x), dynamic=False)
+
+    def with_params(w, b):  # the module's parameters are these tensors (their gradients are asked for)
+        module[0].weight, module[0].bias = nn.Parameter(w, requires_grad=True), nn.Parameter(b, requires_grad=True)
+        return module[0].weight, module[0].bias
+
+    def triton(x, w, b):
+        y = group_norm_nhwc(x, 32, w, b, 1e-5)
+        return F.silu(y) if silu else y
+    return {"compiled": (compiled, with_params), "triton": (triton, None)}
+
+
+def measure(batch: int, c: int, side: int, silu: bool) -> dict:
+    torch.manual_seed(0)
+    x = (torch.randn(batch, c, side, side, device="cuda") * 2 + 0.5).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn_like(x)
+    w0, b0 = (torch.rand(c, device="cuda") + 0.5).bfloat16(), torch.randn(c, device="cuda").bfloat16()
+    row, outs = {}, {}
+    for name, (fn, bind) in paths(c, silu).items():
+        w, b = bind(w0.clone(), b0.clone()) if bind else (w0.clone().requires_grad_(), b0.clone().requires_grad_())
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+        outs[name] = (fn(x, w, b).detach(), *fwd_bwd())
+        row[name] = [round(gpu_ms(lambda: fn(x.detach(), w, b)), 4), round(gpu_ms(fwd_bwd), 4)]
+    row["max_diff"] = [round((a.float() - t.float()).abs().max().item(), 4)
+                       for a, t in zip(outs["compiled"], outs["triton"])]  # y, dx, dweight, dbias
+    row["map_bytes"] = x.numel() * x.element_size()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    args = p.parse_args()
+    setup_cuda()
+    rate = copy_rate()
+    totals = {"compiled": 0.0, "triton": 0.0, "floor": 0.0}
+    for c, side, with_silu, without in NORMS:
+        for silu, count in ((True, with_silu), (False, without)):
+            if not count:
+                continue
+            row = measure(args.batch, c, side, silu)
+            floor = PASSES * row["map_bytes"] / rate
+            for name in ("compiled", "triton"):
+                totals[name] += row[name][1] * count
+            totals["floor"] += floor * count
+            emit({"shape": [args.batch, c, side, side], "silu": silu, "per_step": count,
+                  "ms_forward_and_forward_backward": {k: row[k] for k in ("compiled", "triton")},
+                  "floor_ms": round(floor, 4), "max_diff_y_dx_dw_db": row["max_diff"]})
+    print(json.dumps({"step_ms_forward_backward": {k: round(v, 2) for k, v in totals.items()},
+                      "copy_rate_GBps": round(rate / 1e6)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
