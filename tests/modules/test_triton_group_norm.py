@@ -106,3 +106,63 @@ def test_group_norm32_takes_it_for_nhwc_maps(monkeypatch):
     torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_cl, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 64, 5, 7), 32), ((1, 160, 9, 8), 8)])
+def test_silu_fused_matches_group_norm_then_silu(shape, groups):
+    """silu=True: the forward writes silu(group_norm(x)), and the gradients of x, the weight and
+    the bias go through SiLU's derivative first."""
+    x = nhwc(*shape, mean=5.0).requires_grad_()
+    weight = torch.randn(shape[1], generator=torch.Generator().manual_seed(1)).requires_grad_()
+    bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(2)).requires_grad_()
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref = F.silu(F.group_norm(x64, groups, w64, b64, 1e-5))
+    want = torch.autograd.grad(ref, (x64, w64, b64), dy.double())
+    for fn in (triton_group_norm.group_norm_nhwc, triton_group_norm.group_norm_nhwc_op):
+        y = fn(x, groups, weight, bias, 1e-5, True)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        for got, w in zip(torch.autograd.grad(y, (x, weight, bias), dy), want):
+            torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_operator_passes_torchs_operator_checks():
+    """ldm::group_norm_nhwc for torch.compile: its fake (the layout inductor plans with) agrees
+    with the kernels' output, and its registered backward with autograd's."""
+    x = nhwc(2, 64, 3, 5).requires_grad_()
+    weight, bias = torch.randn(64).requires_grad_(), torch.randn(64).requires_grad_()
+    for silu in (False, True):
+        torch.library.opcheck(torch.ops.ldm.group_norm_nhwc.default, (x, 32, weight, bias, 1e-5, silu),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_group_norm32_takes_the_operator_when_compiled_if_asked(monkeypatch):
+    """GroupNorm32.triton_when_compiled: inside torch.compile an NHWC map goes through the
+    operator (not inductor's decomposition), with the same result and gradients; off, it does not."""
+    monkeypatch.setattr(triton_group_norm, "qualifies_compiled",
+                        lambda x: x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    torch.manual_seed(0)
+    gn = GroupNorm32(32, 64)
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    x = (torch.randn(2, 64, 6, 5) * 2 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    results = {}
+    for asked in (False, True):
+        monkeypatch.setattr(GroupNorm32, "triton_when_compiled", asked)
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+        torch._dynamo.reset()
+        try:
+            y = torch.compile(lambda x: gn(x, silu=True), backend=backend, fullgraph=True)(x)
+            grads = torch.autograd.grad(y.square().sum(), (x, gn.weight, gn.bias))
+        finally:
+            torch._dynamo.reset()
+        called = [n for g in graphs for n in g.graph.nodes if "group_norm_nhwc" in str(n.target)]
+        assert bool(called) == asked
+        results[asked] = (y, *grads)
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -321,3 +321,18 @@ def test_the_compiled_group_norm_of_an_nhwc_map_stays_nhwc():
     torch._dynamo.reset()
     assert layouts["forward"] and all(layouts["forward"]), layouts
     assert layouts["backward"] and all(layouts["backward"]), layouts
+
+
+def test_resblock_equals_its_released_layers_run_in_order():
+    """ResBlock calls each norm with its SiLU fused (GroupNorm32's `silu`); the result is that of
+    in_layers and out_layers run as the released Sequentials (norm, SiLU, [dropout,] conv)."""
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(64, 32, 0.0, 96).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, emb = torch.randn(2, 64, 6, 5), torch.randn(2, 32)
+    h = block.in_layers(x) + block.emb_layers(emb)[:, :, None, None]
+    want = block.skip_connection(x) + block.out_layers(h)
+    torch.testing.assert_close(block(x, emb), want, rtol=0, atol=0)

@@ -30,7 +30,9 @@ class ResBlock(nn.Module):
     """Two 3x3 convs with the timestep embedding added in between, plus a skip path.
 
     skip_connection is a 1x1 conv when the channel count changes, else the identity
-    (and then has no parameters).
+    (and then has no parameters). in_layers and out_layers keep the released layout (norm, SiLU,
+    [dropout,] conv); the forward calls the norm with its SiLU (GroupNorm32's `silu`), one kernel
+    each way where the Triton norm runs, and the same result as the Sequential everywhere.
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
@@ -53,9 +55,11 @@ class ResBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [B, C, H, W], emb: [B, emb_channels] -> [B, out_channels, H, W]
-        h = self.in_layers(x)
+        norm, _, conv = self.in_layers
+        h = conv(norm(x, silu=True))
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.out_layers(h)
+        norm, _, dropout, conv = self.out_layers
+        h = conv(dropout(norm(h, silu=True)))
         return self.skip_connection(x) + h
 
 
@@ -228,4 +232,5 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(cat_channels(h, skips.pop()), emb, context)
-        return self.out(h)
+        norm, _, conv = self.out  # norm and SiLU as in ResBlock
+        return conv(norm(h, silu=True))

@@ -1,4 +1,4 @@
-"""GroupNorm of channels-last (NHWC) feature maps in Triton, forward and backward, for eager mode.
+"""GroupNorm (and the SiLU after it) of channels-last (NHWC) feature maps in Triton, forward and backward.
 
 torch's CUDA GroupNorm takes NCHW only: an NHWC map is copied to NCHW first, and the
 convolution after it copies the NCHW result back to NHWC (cuDNN's kernels on an H100/H200 are
@@ -20,10 +20,19 @@ xhat = (x - mean) * rstd and the sums over the group:
     dx = rstd * (weight * dy - sum(weight * dy) / N - xhat * sum(weight * dy * xhat) / N)
     dweight = sum over (b, p) of dy * xhat,  dbias = sum over (b, p) of dy
 
-in three launches and two sums. Tests run the kernels on the CPU in Triton's interpreter
-(TRITON_INTERPRET=1) against F.group_norm.
+in three launches and two sums. With `silu` the forward writes silu(y) and the backward first
+takes dy through SiLU's derivative at yhat = xhat * weight + bias (recomputed from x), so a
+ResBlock's norm and activation are one pass each way over the map.
+
+`group_norm_nhwc` is eager mode's (an autograd.Function); `group_norm_nhwc_op` is the same
+kernels as the torch operator ldm::group_norm_nhwc, which torch.compile calls as it is. Compiled
+steps normalise with inductor's kernels unless GroupNorm32 is told otherwise (an experiment:
+doc/performance/step.md, thirty-fourth session). Tests run the kernels on the CPU in Triton's
+interpreter (TRITON_INTERPRET=1) against F.group_norm.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -42,6 +51,13 @@ def qualifies(x: torch.Tensor) -> bool:
     """Whether group_norm_nhwc takes x: Triton, a CUDA tensor, a 4-D map in NHWC memory that
     is not also NCHW-contiguous (then torch's kernel needs no copy)."""
     return (triton is not None and x.is_cuda and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def qualifies_compiled(x: torch.Tensor) -> bool:
+    """Whether `group_norm_nhwc_op` takes x inside torch.compile (traced as a fake tensor):
+    Triton, a CUDA tensor, 4-D NHWC memory."""
+    return (triton is not None and x.is_cuda and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -112,8 +128,10 @@ if triton is not None:
 
     @triton.jit
     def _normalize(x_ptr, y_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, P, C, T, G,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """y = (x - mean) * rstd * weight + bias, in x's memory layout and y's dtype."""
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """y = (x - mean) * rstd * weight + bias (then silu(y) with SILU), in x's memory layout
+        and y's dtype."""
         bt, c, cmask, mask, group, offs = _tile(P, C, T, G, BLOCK_P, BLOCK_C)
         scale = tl.load(rstd_ptr + group, mask=cmask, other=0.0)
         if HAS_W:
@@ -122,20 +140,41 @@ if triton is not None:
         if HAS_B:
             shift += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, (x * scale[None, :] + shift[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        y = x * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _tile_grads(x_ptr, dy_ptr, gmean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, P, C, T, G,
+    def _norm_grad(dy, xhat, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   SILU: tl.constexpr):
+        """The gradient reaching the norm's output: dy, or with SILU dy * silu'(yhat) where
+        yhat = xhat * weight + bias and silu'(u) = s (1 + u (1 - s)), s = sigmoid(u)."""
+        if SILU:
+            yhat = xhat
+            if HAS_W:
+                yhat = yhat * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                yhat = yhat + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            sig = 1.0 / (1.0 + tl.exp(-yhat))
+            dy = dy * sig * (1.0 + yhat * (1.0 - sig))
+        return dy
+
+    @triton.jit
+    def _tile_grads(x_ptr, dy_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, P, C, T, G,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per tile (b, t) and channel c: sum of dy and of dy * xhat over the tile's positions."""
+        """Per tile (b, t) and channel c: sum of g and of g * xhat over the tile's positions
+        (g: `_norm_grad` of dy)."""
         bt, c, cmask, mask, group, offs = _tile(P, C, T, G, BLOCK_P, BLOCK_C)
         mean = tl.load(gmean_ptr + group, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + group, mask=cmask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :]) * rstd[None, :]
+        dy = _norm_grad(dy, xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, SILU)
         out = bt * C + c
-        tl.store(sdy_ptr + out, tl.sum(dy, axis=0), mask=cmask)
+        tl.store(sdy_ptr + out, tl.sum(tl.where(mask, dy, 0.0), axis=0), mask=cmask)
         tl.store(sdyx_ptr + out, tl.sum(tl.where(mask, dy * xhat, 0.0), axis=0), mask=cmask)
 
     @triton.jit
@@ -159,9 +198,10 @@ if triton is not None:
         tl.store(c2_ptr + bg, tl.sum(s2, axis=0) / count)
 
     @triton.jit
-    def _input_grad(x_ptr, dy_ptr, dx_ptr, w_ptr, gmean_ptr, rstd_ptr, c1_ptr, c2_ptr, P, C, T, G,
-                    HAS_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dx = rstd * (weight * dy - c1 - xhat * c2)."""
+    def _input_grad(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, c1_ptr, c2_ptr, P, C, T, G,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dx = rstd * (weight * g - c1 - xhat * c2)."""
         bt, c, cmask, mask, group, offs = _tile(P, C, T, G, BLOCK_P, BLOCK_C)
         mean = tl.load(gmean_ptr + group, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + group, mask=cmask, other=0.0)
@@ -169,9 +209,10 @@ if triton is not None:
         c2 = tl.load(c2_ptr + group, mask=cmask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        dy = _norm_grad(dy, xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, SILU)
         if HAS_W:
             dy *= tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (dy - c1[None, :] - xhat * c2[None, :])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -186,50 +227,113 @@ def _block_cg(c: int, groups: int) -> int:
     return max(triton.next_power_of_2(c // groups), 2)
 
 
+def _forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+             silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, group statistics [2, B * groups]: mean, rstd) of an NHWC map."""
+    b, p, c, t = _tiles(x)
+    stats = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # tile means, squared deviations
+    gstats = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)  # group mean, rstd
+    grid = (b * t, triton.cdiv(c, BLOCK_C))
+    _tile_stats[grid](x, stats[0], stats[1], p, c, t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _group_stats[(b * groups,)](stats[0], stats[1], gstats[0], gstats[1], p, c, t, groups, eps,
+                                BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), BLOCK_P=BLOCK_P)
+    y = torch.empty_like(x)  # NHWC, as x
+    _normalize[grid](x, y, weight, bias, gstats[0], gstats[1], p, c, t, groups, HAS_W=weight is not None,
+                     HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return y, gstats
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              gstats: torch.Tensor, groups: int, silu: bool,
+              input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(dx or None, [2, C] float32: the sums over (b, p) of g and of g * xhat, the bias's and the
+    weight's gradients)."""
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    b, p, c, t = _tiles(x)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    sums = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # sum(g), sum(g * xhat) per tile
+    grid = (b * t, triton.cdiv(c, BLOCK_C))
+    _tile_grads[grid](x, dy, weight, bias, gstats[0], gstats[1], sums[0], sums[1], p, c, t, groups, **flags)
+    dx = None
+    if input_grad:
+        cs = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)
+        _group_grads[(b * groups,)](sums[0], sums[1], weight, cs[0], cs[1], p, c, t, groups,
+                                    HAS_W=weight is not None, BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
+        dx = torch.empty_like(x)
+        _input_grad[grid](x, dy, dx, weight, bias, gstats[0], gstats[1], cs[0], cs[1], p, c, t, groups, **flags)
+    return dx, sums.sum((1, 2))
+
+
+def _param_grads(sums: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    dweight = sums[1].to(weight.dtype) if weight is not None and needs[0] else None
+    dbias = sums[0].to(bias.dtype) if bias is not None and needs[1] else None
+    return dweight, dbias
+
+
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps):
-        b, p, c, t = _tiles(x)
-        stats = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # tile means, squared deviations
-        gstats = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)  # group mean, rstd
-        grid = (b * t, triton.cdiv(c, BLOCK_C))
-        _tile_stats[grid](x, stats[0], stats[1], p, c, t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-        _group_stats[(b * groups,)](stats[0], stats[1], gstats[0], gstats[1], p, c, t, groups, eps,
-                                    BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), BLOCK_P=BLOCK_P)
-        y = torch.empty_like(x)  # NHWC, as x
-        _normalize[grid](x, y, weight, bias, gstats[0], gstats[1], p, c, t, groups,
-                         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    def forward(ctx, x, groups, weight, bias, eps, silu):
+        y, gstats = _forward(x, groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias, gstats)
-        ctx.groups = groups
+        ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, gstats = ctx.saved_tensors
-        groups = ctx.groups
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        b, p, c, t = _tiles(x)
-        sums = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # sum(dy), sum(dy * xhat) per tile
-        grid = (b * t, triton.cdiv(c, BLOCK_C))
-        _tile_grads[grid](x, dy, gstats[0], gstats[1], sums[0], sums[1], p, c, t, groups,
-                          BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            cs = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)
-            _group_grads[(b * groups,)](sums[0], sums[1], weight, cs[0], cs[1], p, c, t, groups,
-                                        HAS_W=weight is not None, BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
-            dx = torch.empty_like(x)
-            _input_grad[grid](x, dy, dx, weight, gstats[0], gstats[1], cs[0], cs[1], p, c, t, groups,
-                              HAS_W=weight is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-        dweight = sums[1].sum((0, 1)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        dbias = sums[0].sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
-        return dx, None, dweight, dbias, None
+        dx, sums = _backward(dy, x, weight, bias, gstats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
+        return dx, None, *_param_grads(sums, weight, bias, ctx.needs_input_grad[2:4]), None, None
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    eps: float) -> torch.Tensor:
-    """F.group_norm of an NHWC map [B, C, H, W] (`qualifies`), statistics in float32, the result
-    in x's dtype and NHWC memory. weight and bias [C] of any float dtype (their gradients in it)."""
+                    eps: float, silu: bool = False) -> torch.Tensor:
+    """F.group_norm of an NHWC map [B, C, H, W] (`qualifies`), followed by F.silu with `silu`,
+    statistics in float32, the result in x's dtype and NHWC memory. weight and bias [C] of any
+    float dtype (their gradients in it)."""
     if x.shape[1] % groups:
         raise ValueError(f"group_norm_nhwc: {x.shape[1]} channels do not split into {groups} groups")
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
+
+
+if triton is not None:
+    # The same kernels as torch operators, for compiled graphs: inductor calls them as they are
+    # (an opaque operator with a known output layout) instead of tracing Triton's launches.
+    @torch.library.custom_op("ldm::group_norm_nhwc", mutates_args=())
+    def _group_norm_op(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(x, groups, weight, bias, eps, silu)
+
+    @_group_norm_op.register_fake
+    def _(x, groups, weight, bias, eps, silu):
+        return torch.empty_like(x), x.new_empty((2, x.shape[0] * groups), dtype=torch.float32)
+
+    @torch.library.custom_op("ldm::group_norm_nhwc_backward", mutates_args=())
+    def _group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], gstats: torch.Tensor, groups: int,
+                                silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dy, x, weight, bias, gstats, groups, silu, True)
+
+    @_group_norm_backward_op.register_fake
+    def _(dy, x, weight, bias, gstats, groups, silu):
+        return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, output):
+        x, groups, weight, bias, _, silu = inputs
+        ctx.save_for_backward(x, weight, bias, output[1])
+        ctx.groups, ctx.silu = groups, silu
+
+    def _op_backward(ctx, dy, _):
+        x, weight, bias, gstats = ctx.saved_tensors
+        dx, sums = torch.ops.ldm.group_norm_nhwc_backward(dy, x, weight, bias, gstats, ctx.groups, ctx.silu)
+        return dx, None, *_param_grads(sums, weight, bias, (True, True)), None, None
+
+    _group_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def group_norm_nhwc_op(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float, silu: bool = False) -> torch.Tensor:
+    """`group_norm_nhwc` as the torch operator ldm::group_norm_nhwc, for torch.compile."""
+    if x.shape[1] % groups:
+        raise ValueError(f"group_norm_nhwc: {x.shape[1]} channels do not split into {groups} groups")
+    return torch.ops.ldm.group_norm_nhwc(x, groups, weight, bias, eps, silu)[0]

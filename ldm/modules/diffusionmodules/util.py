@@ -67,24 +67,37 @@ def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with its statistics in float32, returning the input's dtype.
+    """GroupNorm with its statistics in float32, returning the input's dtype; `forward(x,
+    silu=True)` is F.silu of it (a ResBlock's norm and activation, fused where the kernels allow).
 
     Statistics over large feature maps lose precision in fp16/bf16 arithmetic. Outside
     autocast the input, weight and bias are upcast, whatever dtype the module was cast to;
     under autocast a bf16/fp16 input is normalised in its dtype by torch's kernel, which
     accumulates in float32 (`autocast_dtype`). Float32 statistics of few large groups with
     nothing to differentiate (a one-image VAE decode) take `group_norm_few_rows`; NHWC maps on
-    a GPU in eager mode (`model.params.channels_last`) take Triton's `group_norm_nhwc`.
+    a GPU in eager mode (`model.params.channels_last`) take Triton's `group_norm_nhwc`, SiLU
+    included. Compiled NHWC maps take `group_norm_channels_last`, or with `triton_when_compiled`
+    (a class switch for the benches: doc/performance/step.md, thirty-fourth session) the same
+    Triton kernels as one operator.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    triton_when_compiled = False
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         if compiling_nhwc(x):
+            if self.triton_when_compiled and triton_group_norm.qualifies_compiled(x):
+                return triton_group_norm.group_norm_nhwc_op(x, self.num_groups, self.weight, self.bias, self.eps, silu)
             # inductor fuses the float32 round trip into the norm's kernels
-            return group_norm_channels_last(x.float(), self.num_groups, _cast(self.weight, torch.float32),
-                                            _cast(self.bias, torch.float32), self.eps).to(x.dtype)
-        if triton_group_norm.qualifies(x) and not torch.compiler.is_compiling():
+            y = group_norm_channels_last(x.float(), self.num_groups, _cast(self.weight, torch.float32),
+                                         _cast(self.bias, torch.float32), self.eps).to(x.dtype)
+        elif triton_group_norm.qualifies(x) and not torch.compiler.is_compiling():
             # NHWC in eager mode: torch's kernel would copy x to NCHW (and the next convolution back)
-            return triton_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
+            return triton_group_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, silu)
+        else:
+            y = self._group_norm(x)
+        return F.silu(y) if silu else y
+
+    def _group_norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x)
         if dtype == torch.float32 and few_rows(x, self.num_groups, self.weight):
             return group_norm_few_rows(x.float(), self.num_groups, _cast(self.weight, dtype), _cast(self.bias, dtype),
