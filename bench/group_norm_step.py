@@ -7,17 +7,20 @@ ResBlocks and the output), by shape and count per step. Forward + backward (the 
 weight's and the bias's gradients), GPU ms, on a bf16 NHWC map with bf16 weights, as target 1's
 compiled step (`compile`, `channels_last`, `adamw_master`) runs them:
 
-    compiled   GroupNorm32 (+ SiLU) under torch.compile: group_norm_channels_last's decomposition
-               and the kernels inductor makes of it
-    triton     triton_group_norm.group_norm_nhwc (+ F.silu), eager: the kernels eager
-               `channels_last` runs
-    floor      the map-sized passes a norm cannot avoid (forward: x read for the statistics, read
-               again and y written; backward: x and dy read for the sums, read again and dx
-               written: 8), at the copy rate measured in the same process
+    compiled         GroupNorm32 (+ SiLU) under torch.compile: group_norm_channels_last's
+                     decomposition and the kernels inductor makes of it (the step as shipped)
+    compiled_triton  the same under torch.compile with GroupNorm32.triton_when_compiled: the
+                     Triton kernels as the operator ldm::group_norm_nhwc, SiLU fused
+                     (train_step.py --triton_norm)
+    triton           triton_group_norm.group_norm_nhwc, SiLU fused, eager
+    floor            the map-sized passes a norm cannot avoid (forward: x read for the statistics,
+                     read again and y written; backward: x and dy read for the sums, read again
+                     and dx written: 8), at the copy rate measured in the same process
 
-One JSON line per shape (ms per call and per step, the two paths' largest difference), then the
-step's totals. The profile of the compiled step puts 15.4 ms a step in inductor's kernels whose
-names say GroupNorm + SiLU (doc/performance/step.md, thirty-fourth session).
+One JSON line per shape (ms per call, and the largest difference of each Triton path's y, dx,
+dweight and dbias from the compiled one), then the step's totals. The profile of the compiled
+step puts 15.4 ms a step in inductor's kernels whose names say GroupNorm + SiLU
+(doc/performance/step.md, thirty-fourth session).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common import emit, gpu_ms, setup_cuda
@@ -48,36 +50,44 @@ def copy_rate(gib: float = 2.0) -> float:
 
 
 def paths(c: int, silu: bool) -> dict:
-    """name -> (function of (x, weight, bias) -> y): the compiled module and the Triton kernels."""
-    module = nn.Sequential(GroupNorm32(32, c), nn.SiLU() if silu else nn.Identity()).cuda()
-    compiled = torch.compile(lambda x, w, b: module(x), dynamic=False)
+    """name -> (function of (x, weight, bias) -> y, whether it is GroupNorm32 compiled with the
+    Triton operator): each path gets its own module whose weight and bias are the given tensors."""
+    def compiled(triton_op: bool):
+        module = GroupNorm32(32, c).cuda()
 
-    def with_params(w, b):  # the module's parameters are these tensors (their gradients are asked for)
-        module[0].weight, module[0].bias = nn.Parameter(w, requires_grad=True), nn.Parameter(b, requires_grad=True)
-        return module[0].weight, module[0].bias
+        def norm(x, w, b):
+            module.weight, module.bias = w, b  # parameters: the tensors whose gradients are asked for
+            GroupNorm32.triton_when_compiled = triton_op
+            try:
+                return fn(x)
+            finally:
+                GroupNorm32.triton_when_compiled = False
+        fn = torch.compile(lambda x: module(x, silu=silu), dynamic=False)
+        return norm
 
     def triton(x, w, b):
-        y = group_norm_nhwc(x, 32, w, b, 1e-5)
-        return F.silu(y) if silu else y
-    return {"compiled": (compiled, with_params), "triton": (triton, None)}
+        return group_norm_nhwc(x, 32, w, b, 1e-5, silu)
+    return {"compiled": compiled(False), "compiled_triton": compiled(True), "triton": triton}
 
 
 def measure(batch: int, c: int, side: int, silu: bool) -> dict:
+    torch._dynamo.reset()  # each shape's graphs from scratch: the paths share one function's code
     torch.manual_seed(0)
     x = (torch.randn(batch, c, side, side, device="cuda") * 2 + 0.5).bfloat16()
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn_like(x)
     w0, b0 = (torch.rand(c, device="cuda") + 0.5).bfloat16(), torch.randn(c, device="cuda").bfloat16()
     row, outs = {}, {}
-    for name, (fn, bind) in paths(c, silu).items():
-        w, b = bind(w0.clone(), b0.clone()) if bind else (w0.clone().requires_grad_(), b0.clone().requires_grad_())
+    for name, fn in paths(c, silu).items():
+        w, b = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
 
         def fwd_bwd():
             return torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
         outs[name] = (fn(x, w, b).detach(), *fwd_bwd())
         row[name] = [round(gpu_ms(lambda: fn(x.detach(), w, b)), 4), round(gpu_ms(fwd_bwd), 4)]
-    row["max_diff"] = [round((a.float() - t.float()).abs().max().item(), 4)
-                       for a, t in zip(outs["compiled"], outs["triton"])]  # y, dx, dweight, dbias
+    for name in ("compiled_triton", "triton"):
+        row[name + "_max_diff"] = [round((a.float() - t.float()).abs().max().item(), 4)
+                                   for a, t in zip(outs["compiled"], outs[name])]  # y, dx, dweight, dbias
     row["map_bytes"] = x.numel() * x.element_size()
     return row
 
@@ -88,19 +98,20 @@ def main() -> None:
     args = p.parse_args()
     setup_cuda()
     rate = copy_rate()
-    totals = {"compiled": 0.0, "triton": 0.0, "floor": 0.0}
+    names = ("compiled", "compiled_triton", "triton")
+    totals = dict.fromkeys((*names, "floor"), 0.0)
     for c, side, with_silu, without in NORMS:
         for silu, count in ((True, with_silu), (False, without)):
             if not count:
                 continue
             row = measure(args.batch, c, side, silu)
             floor = PASSES * row["map_bytes"] / rate
-            for name in ("compiled", "triton"):
+            for name in names:
                 totals[name] += row[name][1] * count
             totals["floor"] += floor * count
             emit({"shape": [args.batch, c, side, side], "silu": silu, "per_step": count,
-                  "ms_forward_and_forward_backward": {k: row[k] for k in ("compiled", "triton")},
-                  "floor_ms": round(floor, 4), "max_diff_y_dx_dw_db": row["max_diff"]})
+                  "ms_forward_and_forward_backward": {k: row[k] for k in names}, "floor_ms": round(floor, 4),
+                  **{k: v for k, v in row.items() if k.endswith("_max_diff")}})
     print(json.dumps({"step_ms_forward_backward": {k: round(v, 2) for k, v in totals.items()},
                       "copy_rate_GBps": round(rate / 1e6)}), flush=True)
 
