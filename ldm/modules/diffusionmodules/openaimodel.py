@@ -31,8 +31,8 @@ class ResBlock(nn.Module):
 
     skip_connection is a 1x1 conv when the channel count changes, else the identity
     (and then has no parameters). in_layers and out_layers keep the released layout (norm, SiLU,
-    [dropout,] conv); the forward calls the norm with its SiLU (GroupNorm32's `silu`), one kernel
-    each way where the Triton norm runs, and the same result as the Sequential everywhere.
+    [dropout,] conv); the forward calls the norm with its SiLU (GroupNorm32's `silu`): the Triton
+    norm applies it in its own kernels, and the result is the Sequential's on every path.
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,

@@ -271,6 +271,11 @@ def _param_grads(sums: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     return dweight, dbias
 
 
+def _check_groups(x: torch.Tensor, groups: int) -> None:
+    if x.shape[1] % groups:
+        raise ValueError(f"group_norm_nhwc: {x.shape[1]} channels do not split into {groups} groups")
+
+
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, silu):
@@ -291,8 +296,7 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
     """F.group_norm of an NHWC map [B, C, H, W] (`qualifies`), followed by F.silu with `silu`,
     statistics in float32, the result in x's dtype and NHWC memory. weight and bias [C] of any
     float dtype (their gradients in it)."""
-    if x.shape[1] % groups:
-        raise ValueError(f"group_norm_nhwc: {x.shape[1]} channels do not split into {groups} groups")
+    _check_groups(x, groups)
     return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
 
 
@@ -326,7 +330,7 @@ if triton is not None:
     def _op_backward(ctx, dy, _):
         x, weight, bias, gstats = ctx.saved_tensors
         dx, sums = torch.ops.ldm.group_norm_nhwc_backward(dy, x, weight, bias, gstats, ctx.groups, ctx.silu)
-        return dx, None, *_param_grads(sums, weight, bias, (True, True)), None, None
+        return dx, None, *_param_grads(sums, weight, bias, ctx.needs_input_grad[2:4]), None, None
 
     _group_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
@@ -334,6 +338,5 @@ if triton is not None:
 def group_norm_nhwc_op(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float, silu: bool = False) -> torch.Tensor:
     """`group_norm_nhwc` as the torch operator ldm::group_norm_nhwc, for torch.compile."""
-    if x.shape[1] % groups:
-        raise ValueError(f"group_norm_nhwc: {x.shape[1]} channels do not split into {groups} groups")
+    _check_groups(x, groups)
     return torch.ops.ldm.group_norm_nhwc(x, groups, weight, bias, eps, silu)[0]
