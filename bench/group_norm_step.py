@@ -49,25 +49,26 @@ def copy_rate(gib: float = 2.0) -> float:
     return 2 * src.numel() / gpu_ms(lambda: dst.copy_(src), reps=10)
 
 
-def paths(c: int, silu: bool) -> dict:
-    """name -> (function of (x, weight, bias) -> y, whether it is GroupNorm32 compiled with the
-    Triton operator): each path gets its own module whose weight and bias are the given tensors."""
-    def compiled(triton_op: bool):
-        module = GroupNorm32(32, c).cuda()
-
-        def norm(x, w, b):
-            module.weight, module.bias = w, b  # parameters: the tensors whose gradients are asked for
+def paths(c: int, silu: bool, w0: torch.Tensor, b0: torch.Tensor) -> dict:
+    """name -> (function of x -> y, its (weight, bias)): each path with its own copy of w0, b0."""
+    def switched(fn, triton_op: bool):  # GroupNorm32.triton_when_compiled set while fn runs
+        def norm(x):
             GroupNorm32.triton_when_compiled = triton_op
             try:
                 return fn(x)
             finally:
                 GroupNorm32.triton_when_compiled = False
-        fn = torch.compile(lambda x: module(x, silu=silu), dynamic=False)
         return norm
 
-    def triton(x, w, b):
-        return group_norm_nhwc(x, 32, w, b, 1e-5, silu)
-    return {"compiled": compiled(False), "compiled_triton": compiled(True), "triton": triton}
+    out = {}
+    for name, triton_op in (("compiled", False), ("compiled_triton", True)):
+        module = GroupNorm32(32, c).cuda()
+        module.weight, module.bias = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
+        fn = torch.compile(lambda x, m=module: m(x, silu=silu), dynamic=False)
+        out[name] = (switched(fn, triton_op), (module.weight, module.bias))
+    w, b = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
+    out["triton"] = (lambda x: group_norm_nhwc(x, 32, w, b, 1e-5, silu), (w, b))
+    return out
 
 
 def measure(batch: int, c: int, side: int, silu: bool) -> dict:
@@ -78,13 +79,11 @@ def measure(batch: int, c: int, side: int, silu: bool) -> dict:
     dy = torch.randn_like(x)
     w0, b0 = (torch.rand(c, device="cuda") + 0.5).bfloat16(), torch.randn(c, device="cuda").bfloat16()
     row, outs = {}, {}
-    for name, fn in paths(c, silu).items():
-        w, b = nn.Parameter(w0.clone()), nn.Parameter(b0.clone())
-
+    for name, (fn, (w, b)) in paths(c, silu, w0, b0).items():
         def fwd_bwd():
-            return torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
-        outs[name] = (fn(x, w, b).detach(), *fwd_bwd())
-        row[name] = [round(gpu_ms(lambda: fn(x.detach(), w, b)), 4), round(gpu_ms(fwd_bwd), 4)]
+            return torch.autograd.grad(fn(x), (x, w, b), dy)
+        outs[name] = (fn(x).detach(), *fwd_bwd())
+        row[name] = [round(gpu_ms(lambda: fn(x.detach())), 4), round(gpu_ms(fwd_bwd), 4)]
     for name in ("compiled_triton", "triton"):
         row[name + "_max_diff"] = [round((a.float() - t.float()).abs().max().item(), 4)
                                    for a, t in zip(outs["compiled"], outs[name])]  # y, dx, dweight, dbias
