@@ -25,16 +25,18 @@ takes dy through SiLU's derivative at yhat = xhat * weight + bias (recomputed fr
 ResBlock's norm and activation are one pass each way over the map.
 
 `group_norm_nhwc` is eager mode's (an autograd.Function); `group_norm_nhwc_op` is the same
-kernels as the torch operator ldm::group_norm_nhwc, which torch.compile calls as it is. Compiled
-steps normalise with inductor's kernels unless GroupNorm32 is told otherwise (an experiment:
-doc/performance/step.md, thirty-fourth session). Tests run the kernels on the CPU in Triton's
-interpreter (TRITON_INTERPRET=1) against F.group_norm.
+kernels as the torch operator ldm::group_norm_nhwc (a triton_op: inductor traces the launches
+into its code), which GroupNorm32 takes inside torch.compile (doc/performance/step.md,
+thirty-fifth session). Tests run the kernels on the CPU in Triton's interpreter
+(TRITON_INTERPRET=1) against F.group_norm.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -227,47 +229,67 @@ def _block_cg(c: int, groups: int) -> int:
     return max(triton.next_power_of_2(c // groups), 2)
 
 
+def _direct(kernel):
+    return kernel
+
+
+def _traced(x: torch.Tensor):
+    """How the operators launch: through wrap_triton, so inductor traces the launches. Triton's
+    interpreter (the CPU tests) runs a kernel on tensors as they are and cannot take the fake
+    tensors torch.compile traces with; there the operators' allocations alone give the outputs'
+    shapes and layouts, and the kernels run on real tensors only."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and is_fake(x):
+        return lambda kernel: _Unlaunched()
+    return torch.library.wrap_triton
+
+
+class _Unlaunched:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def _forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-             silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, group statistics [2, B * groups]: mean, rstd) of an NHWC map."""
+             silu: bool, launch=_direct) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, group mean [B * groups], group rstd [B * groups]) of an NHWC map; `launch` wraps
+    each kernel (wrap_triton inside the operator, so inductor can trace the launches)."""
     b, p, c, t = _tiles(x)
-    stats = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # tile means, squared deviations
-    gstats = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)  # group mean, rstd
+    mean, m2 = (torch.empty((b, t, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per tile
+    gmean, rstd = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
     grid = (b * t, triton.cdiv(c, BLOCK_C))
-    _tile_stats[grid](x, stats[0], stats[1], p, c, t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    _group_stats[(b * groups,)](stats[0], stats[1], gstats[0], gstats[1], p, c, t, groups, eps,
-                                BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), BLOCK_P=BLOCK_P)
+    launch(_tile_stats)[grid](x, mean, m2, p, c, t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    launch(_group_stats)[(b * groups,)](mean, m2, gmean, rstd, p, c, t, groups, eps,
+                                        BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), BLOCK_P=BLOCK_P)
     y = torch.empty_like(x)  # NHWC, as x
-    _normalize[grid](x, y, weight, bias, gstats[0], gstats[1], p, c, t, groups, HAS_W=weight is not None,
-                     HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    return y, gstats
+    launch(_normalize)[grid](x, y, weight, bias, gmean, rstd, p, c, t, groups, HAS_W=weight is not None,
+                             HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return y, gmean, rstd
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-              gstats: torch.Tensor, groups: int, silu: bool,
-              input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(dx or None, [2, C] float32: the sums over (b, p) of g and of g * xhat, the bias's and the
-    weight's gradients)."""
+              gmean: torch.Tensor, rstd: torch.Tensor, groups: int, silu: bool, input_grad: bool,
+              launch=_direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dx or None, and [C] float32 each: the sums over (b, p) of g and of g * xhat, the bias's
+    and the weight's gradients)."""
     dy = dy.contiguous(memory_format=torch.channels_last)
     b, p, c, t = _tiles(x)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    sums = torch.empty((2, b, t, c), dtype=torch.float32, device=x.device)  # sum(g), sum(g * xhat) per tile
+    sdy, sdyx = (torch.empty((b, t, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per tile
     grid = (b * t, triton.cdiv(c, BLOCK_C))
-    _tile_grads[grid](x, dy, weight, bias, gstats[0], gstats[1], sums[0], sums[1], p, c, t, groups, **flags)
+    launch(_tile_grads)[grid](x, dy, weight, bias, gmean, rstd, sdy, sdyx, p, c, t, groups, **flags)
     dx = None
     if input_grad:
-        cs = torch.empty((2, b * groups), dtype=torch.float32, device=x.device)
-        _group_grads[(b * groups,)](sums[0], sums[1], weight, cs[0], cs[1], p, c, t, groups,
-                                    HAS_W=weight is not None, BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
+        c1, c2 = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
+        launch(_group_grads)[(b * groups,)](sdy, sdyx, weight, c1, c2, p, c, t, groups, HAS_W=weight is not None,
+                                            BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
         dx = torch.empty_like(x)
-        _input_grad[grid](x, dy, dx, weight, bias, gstats[0], gstats[1], cs[0], cs[1], p, c, t, groups, **flags)
-    return dx, sums.sum((1, 2))
+        launch(_input_grad)[grid](x, dy, dx, weight, bias, gmean, rstd, c1, c2, p, c, t, groups, **flags)
+    return dx, sdy.sum((0, 1)), sdyx.sum((0, 1))
 
 
-def _param_grads(sums: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def _param_grads(sdy: torch.Tensor, sdyx: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                  needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    dweight = sums[1].to(weight.dtype) if weight is not None and needs[0] else None
-    dbias = sums[0].to(bias.dtype) if bias is not None and needs[1] else None
+    dweight = sdyx.to(weight.dtype) if weight is not None and needs[0] else None
+    dbias = sdy.to(bias.dtype) if bias is not None and needs[1] else None
     return dweight, dbias
 
 
@@ -279,16 +301,16 @@ def _check_groups(x: torch.Tensor, groups: int) -> None:
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, silu):
-        y, gstats = _forward(x, groups, weight, bias, eps, silu)
-        ctx.save_for_backward(x, weight, bias, gstats)
+        y, gmean, rstd = _forward(x, groups, weight, bias, eps, silu)
+        ctx.save_for_backward(x, weight, bias, gmean, rstd)
         ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, gstats = ctx.saved_tensors
-        dx, sums = _backward(dy, x, weight, bias, gstats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
-        return dx, None, *_param_grads(sums, weight, bias, ctx.needs_input_grad[2:4]), None, None
+        x, weight, bias, gmean, rstd = ctx.saved_tensors
+        dx, sdy, sdyx = _backward(dy, x, weight, bias, gmean, rstd, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
+        return dx, None, *_param_grads(sdy, sdyx, weight, bias, ctx.needs_input_grad[2:4]), None, None
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -301,36 +323,30 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
 
 
 if triton is not None:
-    # The same kernels as torch operators, for compiled graphs: inductor calls them as they are
-    # (an opaque operator with a known output layout) instead of tracing Triton's launches.
-    @torch.library.custom_op("ldm::group_norm_nhwc", mutates_args=())
+    # The same kernels as torch operators for compiled graphs. As triton_ops, inductor traces
+    # them into its own code: it launches the kernels (no Python operator dispatched per call)
+    # and plans their buffers. As plain custom_ops they cost the host ~45 ms a step at batch 6
+    # with the VAE in the step (0.66x inductor's kernels; doc/performance/step.md, thirty-fifth session).
+    @torch.library.triton_op("ldm::group_norm_nhwc", mutates_args=())
     def _group_norm_op(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(x, groups, weight, bias, eps, silu)
+                       eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(x, groups, weight, bias, eps, silu, _traced(x))
 
-    @_group_norm_op.register_fake
-    def _(x, groups, weight, bias, eps, silu):
-        return torch.empty_like(x), x.new_empty((2, x.shape[0] * groups), dtype=torch.float32)
-
-    @torch.library.custom_op("ldm::group_norm_nhwc_backward", mutates_args=())
+    @torch.library.triton_op("ldm::group_norm_nhwc_backward", mutates_args=())
     def _group_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                                bias: Optional[torch.Tensor], gstats: torch.Tensor, groups: int,
-                                silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _backward(dy, x, weight, bias, gstats, groups, silu, True)
-
-    @_group_norm_backward_op.register_fake
-    def _(dy, x, weight, bias, gstats, groups, silu):
-        return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float32)
+                                bias: Optional[torch.Tensor], gmean: torch.Tensor, rstd: torch.Tensor, groups: int,
+                                silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(dy, x, weight, bias, gmean, rstd, groups, silu, True, _traced(x))
 
     def _setup_context(ctx, inputs, output):
         x, groups, weight, bias, _, silu = inputs
-        ctx.save_for_backward(x, weight, bias, output[1])
+        ctx.save_for_backward(x, weight, bias, output[1], output[2])
         ctx.groups, ctx.silu = groups, silu
 
-    def _op_backward(ctx, dy, _):
-        x, weight, bias, gstats = ctx.saved_tensors
-        dx, sums = torch.ops.ldm.group_norm_nhwc_backward(dy, x, weight, bias, gstats, ctx.groups, ctx.silu)
-        return dx, None, *_param_grads(sums, weight, bias, ctx.needs_input_grad[2:4]), None, None
+    def _op_backward(ctx, dy, *_):
+        x, weight, bias, gmean, rstd = ctx.saved_tensors
+        dx, sdy, sdyx = torch.ops.ldm.group_norm_nhwc_backward(dy, x, weight, bias, gmean, rstd, ctx.groups, ctx.silu)
+        return dx, None, *_param_grads(sdy, sdyx, weight, bias, ctx.needs_input_grad[2:4]), None, None
 
     _group_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
