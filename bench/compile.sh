@@ -49,6 +49,8 @@ row lowmem6teold 300 bench/train_step.py --impl ours --batch 6 --low_memory --te
 row full32clms 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master
 row full32clmslt 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --blas cublaslt
 row full32clmsto 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --blas tunableop
-row full32clmstn 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --triton_norm
+row full32clmsin 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --inductor_norm
 row eager32ms  150 bench/train_step.py --impl ours --batch 32 --master
+row encode6clms 300 bench/train_step.py --impl ours --batch 6 --encode --compile --channels_last --master
+row encode6clmsin 300 bench/train_step.py --impl ours --batch 6 --encode --compile --channels_last --master --inductor_norm
 row encode32clms 300 bench/train_step.py --impl ours --batch 32 --encode --compile --channels_last --master

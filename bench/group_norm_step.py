@@ -1,17 +1,18 @@
 """How far from the memory rate do the compiled step's GroupNorms (with their SiLU) run?
 
-    python bench/group_norm_step.py [--batch 32]
+    python bench/group_norm_step.py [--batch 32] [--shapes N]
 
 Every GroupNorm of SD 1.x's UNet at 512 px, with the SiLU after it where the UNet has one (the
 ResBlocks and the output), by shape and count per step. Forward + backward (the input's, the
 weight's and the bias's gradients), GPU ms, on a bf16 NHWC map with bf16 weights, as target 1's
 compiled step (`compile`, `channels_last`, `adamw_master`) runs them:
 
-    compiled         GroupNorm32 (+ SiLU) under torch.compile: group_norm_channels_last's
-                     decomposition and the kernels inductor makes of it (the step as shipped)
-    compiled_triton  the same under torch.compile with GroupNorm32.triton_when_compiled: the
-                     Triton kernels as the operator ldm::group_norm_nhwc, SiLU fused
-                     (train_step.py --triton_norm)
+    compiled         GroupNorm32 (+ SiLU) under torch.compile with GroupNorm32.triton_when_compiled
+                     off: group_norm_channels_last's decomposition and the kernels inductor makes
+                     of it (train_step.py --inductor_norm; the step as shipped until the
+                     thirty-fifth session)
+    compiled_triton  the same with the switch on (the default): the Triton kernels as the
+                     operator ldm::group_norm_nhwc, SiLU fused
     triton           triton_group_norm.group_norm_nhwc, SiLU fused, eager
     floor            the map-sized passes a norm cannot avoid (forward: x read for the statistics,
                      read again and y written; backward: x and dy read for the sums, read again
@@ -20,7 +21,11 @@ compiled step (`compile`, `channels_last`, `adamw_master`) runs them:
 One JSON line per shape (ms per call, and the largest difference of each Triton path's y, dx,
 dweight and dbias from the compiled one), then the step's totals. The profile of the compiled
 step puts 15.4 ms a step in inductor's kernels whose names say GroupNorm + SiLU
-(doc/performance/step.md, thirty-fourth session).
+(doc/performance/step.md, thirty-fourth session). Timed alone, a call is bound by the host's
+work, not the GPU's: eager Triton took 0.64-1.13 ms forward + backward for every shape, from
+the smallest map to one 48 times larger (floors 0.01-0.48 ms; thirty-fifth session, H200). There compiled_triton
+summed to 90.9 ms a step against compiled's 48.4, yet the step ran 1.044-1.049x faster with it;
+the step decides (train_step.py --inductor_norm).
 """
 from __future__ import annotations
 
@@ -53,11 +58,11 @@ def paths(c: int, silu: bool, w0: torch.Tensor, b0: torch.Tensor) -> dict:
     """name -> (function of x -> y, its (weight, bias)): each path with its own copy of w0, b0."""
     def switched(fn, triton_op: bool):  # GroupNorm32.triton_when_compiled set while fn runs
         def norm(x):
-            GroupNorm32.triton_when_compiled = triton_op
+            shipped, GroupNorm32.triton_when_compiled = GroupNorm32.triton_when_compiled, triton_op
             try:
                 return fn(x)
             finally:
-                GroupNorm32.triton_when_compiled = False
+                GroupNorm32.triton_when_compiled = shipped
         return norm
 
     out = {}
@@ -94,12 +99,14 @@ def measure(batch: int, c: int, side: int, silu: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--shapes", type=int, default=len(NORMS),
+                   help="the first N (channels, side) of NORMS only (a quick check of the paths' values)")
     args = p.parse_args()
     setup_cuda()
     rate = copy_rate()
     names = ("compiled", "compiled_triton", "triton")
     totals = dict.fromkeys((*names, "floor"), 0.0)
-    for c, side, with_silu, without in NORMS:
+    for c, side, with_silu, without in NORMS[:args.shapes]:
         for silu, count in ((True, with_silu), (False, without)):
             if not count:
                 continue

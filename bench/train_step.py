@@ -18,7 +18,7 @@
     python bench/train_step.py --impl ours --batch 32 --compile --cudagraphs --whole_unet   # the UNet as one CUDA graph
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py ... --blas cublaslt|tunableop     # the products' library (bench/gemm_shapes.py)
-    python bench/train_step.py ... --compile --channels_last --triton_norm   # GroupNorms through Triton's kernels
+    python bench/train_step.py ... --compile --channels_last --inductor_norm   # GroupNorms in inductor's kernels
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
@@ -287,9 +287,10 @@ def parser() -> argparse.ArgumentParser:
                    help="ours, --channels_last eager: torch's GroupNorm (NCHW copies) instead of group_norm_nhwc")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
-    p.add_argument("--triton_norm", action="store_true",
-                   help="with --compile --channels_last: the GroupNorms (+ SiLU) through the Triton operator "
-                        "(GroupNorm32.triton_when_compiled), not inductor's kernels (bench/group_norm_step.py)")
+    p.add_argument("--inductor_norm", action="store_true",
+                   help="with --compile --channels_last: the GroupNorms (+ SiLU) through inductor's kernels "
+                        "(GroupNorm32.triton_when_compiled = False), not the Triton operator "
+                        "(bench/group_norm_step.py)")
     p.add_argument("--blas", choices=["default", "cublaslt", "tunableop"], default="default",
                    help="the products' library: torch's choice, cuBLASLt preferred, or TunableOp (each shape's "
                         "fastest cuBLAS/cuBLASLt algorithm, tuned at its first call; bench/gemm_shapes.py)")
@@ -312,7 +313,7 @@ def main() -> None:
     set_inductor(args.inductor)
     setup_cuda()
     set_blas(args.blas)
-    GroupNorm32.triton_when_compiled = args.triton_norm
+    GroupNorm32.triton_when_compiled = not args.inductor_norm
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
@@ -352,7 +353,7 @@ def main() -> None:
                         **({"torch_norm": True} if args.torch_norm else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"blas": args.blas} if args.blas != "default" else {}),
-                        **({"triton_norm": True} if args.triton_norm else {}),
+                        **({"inductor_norm": True} if args.inductor_norm else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),

@@ -137,9 +137,11 @@ def test_the_operator_passes_torchs_operator_checks():
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_group_norm32_takes_the_operator_when_compiled_if_asked(monkeypatch):
-    """GroupNorm32.triton_when_compiled: inside torch.compile an NHWC map goes through the
-    operator (not inductor's decomposition), with the same result and gradients; off, it does not."""
+def test_group_norm32_takes_the_operator_when_compiled_unless_switched_off(monkeypatch):
+    """GroupNorm32.triton_when_compiled (on by default): inside torch.compile an NHWC map goes
+    through the operator (not inductor's decomposition), with the same result and gradients; off
+    (the benches' --inductor_norm), it does not."""
+    assert GroupNorm32.triton_when_compiled
     monkeypatch.setattr(triton_group_norm, "qualifies_compiled",
                         lambda x: x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     torch.manual_seed(0)

@@ -75,13 +75,14 @@ class GroupNorm32(nn.GroupNorm):
     under autocast a bf16/fp16 input is normalised in its dtype by torch's kernel, which
     accumulates in float32 (`autocast_dtype`). Float32 statistics of few large groups with
     nothing to differentiate (a one-image VAE decode) take `group_norm_few_rows`; NHWC maps on
-    a GPU in eager mode (`model.params.channels_last`) take Triton's `group_norm_nhwc`, SiLU
-    included. Compiled NHWC maps take `group_norm_channels_last`, or with `triton_when_compiled`
-    (a class switch for the benches: doc/performance/step.md, thirty-fourth session) the same
-    Triton kernels as one operator.
+    a GPU (`model.params.channels_last`) take Triton's `group_norm_nhwc`, SiLU included: in eager
+    mode as an autograd Function, inside torch.compile as the operator `ldm::group_norm_nhwc`
+    (1.044-1.049x inductor's kernels for the batch-32 step: doc/performance/step.md,
+    thirty-fifth session). `triton_when_compiled = False` (a class switch for the benches) gives
+    compiled maps inductor's kernels for `group_norm_channels_last`, as on builds without Triton.
     """
 
-    triton_when_compiled = False
+    triton_when_compiled = True
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         if compiling_nhwc(x):
