@@ -23,9 +23,10 @@ dweight and dbias from the compiled one), then the step's totals. The profile of
 step puts 15.4 ms a step in inductor's kernels whose names say GroupNorm + SiLU
 (doc/performance/step.md, thirty-fourth session). Timed alone, a call is bound by the host's
 work, not the GPU's: eager Triton took 0.64-1.13 ms forward + backward for every shape, from
-the smallest map to one 48 times larger (floors 0.01-0.48 ms; thirty-fifth session, H200). There compiled_triton
-summed to 90.9 ms a step against compiled's 48.4, yet the step ran 1.044-1.049x faster with it;
-the step decides (train_step.py --inductor_norm).
+the smallest map to one 48 times larger (floors 0.01-0.48 ms; thirty-fifth session, H200).
+There compiled_triton, the operator then a plain custom_op, summed to 90.9 ms a step against
+compiled's 48.4, yet the step ran 1.044-1.049x faster with it; the step decides
+(train_step.py --inductor_norm).
 """
 from __future__ import annotations
 

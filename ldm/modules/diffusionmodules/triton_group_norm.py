@@ -239,11 +239,16 @@ def _traced(x: torch.Tensor):
     tensors torch.compile traces with; there the operators' allocations alone give the outputs'
     shapes and layouts, and the kernels run on real tensors only."""
     if os.environ.get("TRITON_INTERPRET") == "1" and is_fake(x):
-        return lambda kernel: _Unlaunched()
+        return _Unlaunched()
     return torch.library.wrap_triton
 
 
 class _Unlaunched:
+    """`launch(kernel)[grid](*args)` that launches nothing."""
+
+    def __call__(self, kernel):
+        return self
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
