@@ -331,7 +331,8 @@ if triton is not None:
     # The same kernels as torch operators for compiled graphs. As triton_ops, inductor traces
     # them into its own code: it launches the kernels (no Python operator dispatched per call)
     # and plans their buffers. As plain custom_ops they cost the host ~45 ms a step at batch 6
-    # with the VAE in the step (0.66x inductor's kernels; doc/performance/step.md, thirty-fifth session).
+    # with the VAE in the step (0.66x inductor's kernels); as triton_ops 1.07x there and 1.043x at
+    # batch 32 (doc/performance/step.md, thirty-fifth and thirty-sixth sessions).
     @torch.library.triton_op("ldm::group_norm_nhwc", mutates_args=())
     def _group_norm_op(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
