@@ -22,8 +22,8 @@
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
-    python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update  # no fused kernel
-    python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2  # host probe
+    python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update   # unfused
+    python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr --host_delay_ms 2   # host
     python bench/train_step.py --impl ours --batch 32 [--compile --channels_last] --master   # fp32 master weights
     python bench/train_step.py --impl ours --batch 6 --encode --master --channels_last [--torch_norm]  # NHWC norms
     python bench/train_step.py --impl ours --batch 6 --ckpt --encode --plan RUN/dataset_plan.json  # a run's buckets
@@ -83,7 +83,7 @@ def ours(args: argparse.Namespace, with_model: bool = False):
         batch["latent"] = torch.randn(args.batch, 4, args.size // 8, args.size // 8, device="cuda")
     if args.unet_bf16:  # a probe: the UNet's weights, gradients and AdamW moments in bf16, no casts in the step
         model.model.to(torch.bfloat16)
-    if args.bf16_sr:  # unet_precision: bf16 (frozen VAE and text encoder too) and adamw_bf16, stepped after the backward
+    if args.bf16_sr:  # unet_precision: bf16 (frozen VAE and text encoder too), adamw_bf16 stepped after the backward
         for part in (model.model, model.first_stage_model, model.cond_stage_model):
             part.to(torch.bfloat16)
         optimizer = {"name": "adamw_bf16"}
@@ -283,7 +283,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ours: sleep this long at each step's start (a probe: does the host's time between the "
                         "optimizer's launch and the next forward pass cost GPU time?)")
     p.add_argument("--master", action="store_true",
-                   help="ours: bf16 UNet weights with fp32 masters (unet_precision: bf16, optimizer.name: adamw_master)")
+                   help="ours: bf16 UNet weights with fp32 masters (unet_precision: bf16, "
+                        "optimizer.name: adamw_master)")
     p.add_argument("--torch_norm", action="store_true",
                    help="ours, --channels_last eager: torch's GroupNorm (NCHW copies) instead of group_norm_nhwc")
     p.add_argument("--no_text_cache", action="store_true",

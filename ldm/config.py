@@ -108,7 +108,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("model: the config has no model section")
     for section in ("model", "data"):
         if section in cfg:
-            validate_target_node(cfg[section], section, extra_keys={"base_learning_rate"} if section == "model" else set())
+            extra = {"base_learning_rate"} if section == "model" else set()
+            validate_target_node(cfg[section], section, extra_keys=extra)
     lightning = cfg.get("lightning") or {}
     validate_trainer_args(lightning.get("trainer") or {}, "lightning.trainer")
     validate_checkpoint_args(lightning.get("modelcheckpoint") or {}, "lightning.modelcheckpoint")

@@ -103,8 +103,9 @@ class PruneReport:
             f"kept keys:    {counts(self.kept)}",
             f"dropped keys: {counts(self.dropped)}",
             f"dropped Lightning state: {', '.join(self.dropped_entries) or 'none'}",
-            *([f"zero-terminal-SNR schedule: the last alphas_cumprod 0 -> {A1111_TERMINAL_ABAR:.3g} (as AUTOMATIC1111's "
-               f"own zero-terminal-SNR mode), so tools that derive noise levels from the file get finite ones"]
+            *([f"zero-terminal-SNR schedule: the last alphas_cumprod 0 -> {A1111_TERMINAL_ABAR:.3g} "
+               f"(as AUTOMATIC1111's own zero-terminal-SNR mode), so tools that derive noise levels from the "
+               f"file get finite ones"]
               if self.terminal_snr_fixed else []),
             f"size: {format_size(self.size_before)} -> {format_size(self.size_after)}",
         ])

@@ -222,7 +222,8 @@ def _state_of(checkpoint: dict[str, Any]) -> tuple:
 
     def key(t: torch.Tensor) -> None:
         if t.device.type == "cpu" and t.numel() * t.element_size() <= SMALL_CPU_TENSOR:
-            keys.append((t.dtype, tuple(t.shape), t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            keys.append((t.dtype, tuple(t.shape), raw))
         else:
             keys.append(_tensor_key(t))
     apply_to_collection(checkpoint, torch.Tensor, key)

@@ -76,7 +76,8 @@ class BucketDataset(Dataset):
             return
         if crop_jitter > 0:
             raise ValueError(f"cache_latents: cannot be used with crop_jitter {crop_jitter}: every sample is "
-                             "cropped differently, so no latent can be reused; set crop_jitter: 0 or cache_latents: false")
+                             "cropped differently, so no latent can be reused; set crop_jitter: 0 or "
+                             "cache_latents: false")
         if background == "random":
             raise ValueError("cache_latents: cannot be used with background: random (a new colour every sample); "
                              "use white or black, or cache_latents: false")

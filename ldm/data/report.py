@@ -262,7 +262,8 @@ def render_report(d: Mapping[str, Any]) -> str:
     how = {"fill": "partial batches filled", "drop": "partial batches dropped",
            "keep": "partial batches kept"}[e["incomplete"]]
     lines.append(f"Per epoch: {e['samples']} samples after repeats; {how}: {e['fills']} fills, "
-                 f"{e['dropped']} dropped, {e['pad_batches']} whole batches added to even out {s['world_size']} rank(s)")
+                 f"{e['dropped']} dropped, {e['pad_batches']} whole batches added to even out "
+                 f"{s['world_size']} rank(s)")
     if reg:
         lines.append(f"  {d['regularisation']['summary']}")
     lines.append(f"  {s['batches_per_epoch']} batches of {s['batch_size']} = {s['batches_per_rank']} per rank "

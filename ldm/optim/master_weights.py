@@ -158,7 +158,8 @@ class AdamWMaster(torch.optim.Optimizer):
             else:
                 rest.append(p)
         for weights in kernel.values():
-            triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=0)  # nothing rounds at random
+            # seed: unused, as nothing rounds at random
+            triton_adamw.adamw_(weights, lr=lr, b1=b1, b2=b2, eps=eps, wd=wd, step=t, seed=0)
         if rest:
             self._step_fused(rest, t, device, lr, b1, b2, eps, wd)
 

@@ -172,7 +172,8 @@ def _adafactor(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: 
     return _make(Adafactor, groups, _kwargs(Adafactor, cfg, key, own, defaults))
 
 
-def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
+def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
+                key: str) -> torch.optim.Optimizer:
     from ldm.optim.low_memory import AdamWBF16
 
     return _make(AdamWBF16, groups, _kwargs(AdamWBF16, cfg, key))

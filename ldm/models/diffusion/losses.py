@@ -60,7 +60,8 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generat
     if ratio_generator is not None:
         ratios = (2 + 2 * torch.rand(iterations, generator=ratio_generator, dtype=torch.float64)).tolist()
     else:
-        ratios = (2 + 2 * torch.rand(iterations, generator=generator, device=noise.device, dtype=torch.float64)).tolist()
+        draws = torch.rand(iterations, generator=generator, device=noise.device, dtype=torch.float64)
+        ratios = (2 + 2 * draws).tolist()
     out = noise.float()
     for i, r in enumerate(ratios):
         h, w = max(1, int(H / r**i)), max(1, int(W / r**i))
