@@ -118,7 +118,7 @@ def ours(args: argparse.Namespace, with_model: bool = False):
             low_memory.PACK_BYTES = int(args.pack_mib * 2**20)
         whole = args.whole_unet or (whole_unet_pays(args.cudagraphs, args.low_memory, args.ckpt)
                                     and not args.compile_blocks)
-        budget = 1.0 if args.memory_budget is None else args.memory_budget  # compile_model sets torch's
+        budget = 1.0 if args.memory_budget is None else args.memory_budget  # compile_model sets torch's to it
         compile_model(model, cudagraphs=args.cudagraphs, whole_unet=whole, activation_memory_budget=budget)
         compile_updates(step.optimizer)
     if args.host_delay_ms:  # a probe: is the host's time between two steps on the GPU's critical path?
