@@ -3,10 +3,11 @@ host-bound training thread? (issue: performance, target 2)
 
     lightning: {callbacks: {cpu_split: {target: bench.cpu_split.CpuSplit, params: {main_cores: 2}}}}
 
-At the first training batch (the loader's workers exist by then) it puts every thread of main.py's process (the training thread, autograd's
-device thread, the pin-memory and writer threads) on the first `main_cores` physical cores,
-with their SMT siblings, and every child process (the loader workers) on the other cores, so
-that no worker runs on a core, or a hyperthread of a core, the step's host work runs on.
+At the first training batch (the loader's workers exist by then) it puts every thread of main.py's
+process (the training thread, autograd's device thread, the pin-memory and writer threads) on
+the first `main_cores` physical cores, with their SMT siblings, and every child process (the
+loader workers) on the other cores, so that no worker runs on a core, or a hyperthread of a
+core, the step's host work runs on.
 Prints `cpu split: {...}`. Linux only (sched_setaffinity, /sys topology).
 """
 from __future__ import annotations

@@ -48,7 +48,8 @@ def weights(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
 
 def check_fp32() -> None:
     a, b = weights(torch.float32), weights(torch.float32)
-    opt_a, opt_b = AdamWBF16(a, lr=1e-4, weight_decay=0.01), torch.optim.AdamW(b, lr=1e-4, weight_decay=0.01, fused=True)
+    opt_a = AdamWBF16(a, lr=1e-4, weight_decay=0.01)
+    opt_b = torch.optim.AdamW(b, lr=1e-4, weight_decay=0.01, fused=True)
     for _ in range(3):
         opt_a.step()
         opt_b.step()

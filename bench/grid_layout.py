@@ -92,7 +92,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=12, help="UNet batch: twice the grid's images (guidance)")
     p.add_argument("--latent", type=int, default=64)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--fp32_weights", action="store_true", help="fp32 UNet weights (optimizer adamw): autocast casts them")
+    p.add_argument("--fp32_weights", action="store_true",
+                   help="fp32 UNet weights (optimizer adamw): autocast casts them")
     p.add_argument("--variants", default="nchw,nchw_graph,cl_native,cl_triton,cl_triton_graph")
     args = p.parse_args()
     setup_cuda()

@@ -95,7 +95,8 @@ class GridProbe(pl.Callback):
                         if self._unet:
                             unet = {"unet_calls": len(self._unet),
                                     "unet_host_ms": round(1000 * statistics.median(h for h, _, _ in self._unet), 2),
-                                    "unet_gpu_ms": round(statistics.median(a.elapsed_time(b) for _, a, b in self._unet), 2)}
+                                    "unet_gpu_ms": round(statistics.median(
+                                        a.elapsed_time(b) for _, a, b in self._unet), 2)}
                         if parts:
                             print("grid probe: " + json.dumps({
                                 "step": trainer.global_step, "latent_shape": self._shape,

@@ -32,8 +32,8 @@ from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa:
 
 
 def ours(args: argparse.Namespace):
-    model = our_model("configs/lora/lora.yaml", args.ckpt, drop_network=args.mode == "full",
-                      network={"dim": args.rank, "alpha": args.rank, "targets": args.targets})  # the peer's rank, scale 1
+    network = {"dim": args.rank, "alpha": args.rank, "targets": args.targets}  # the peer's rank, scale 1
+    model = our_model("configs/lora/lora.yaml", args.ckpt, drop_network=args.mode == "full", network=network)
     if args.mode == "lora":  # what LatentDiffusion.setup does under bf16-mixed
         for part in (model.model, model.first_stage_model, model.cond_stage_model):
             part.to(torch.bfloat16)

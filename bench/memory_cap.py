@@ -2,7 +2,8 @@
 
     lightning: {callbacks: {memory_cap: {target: bench.memory_cap.MemoryCap, params: {cap_gib: 6.0}}}}
     bash bench/main_preset.sh configs/stable-diffusion/presets/vram_6gb.yaml /tmp/p6 \
-        lightning.callbacks.memory_cap.target=bench.memory_cap.MemoryCap lightning.callbacks.memory_cap.params.cap_gib=5.6
+        lightning.callbacks.memory_cap.target=bench.memory_cap.MemoryCap \
+        lightning.callbacks.memory_cap.params.cap_gib=5.6
 
 The target's figure is PyTorch's peak of allocated memory. A card also holds what the caching
 allocator keeps reserved beyond that (free blocks of the wrong size) and the CUDA context,

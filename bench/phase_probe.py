@@ -59,7 +59,8 @@ class Phases:
                for name in host}
         periods = [1000 * (b[0][1] - a[0][1]) for a, b in zip(self.steps, self.steps[1:])]
         median = statistics.median(periods)
-        slow = [[i, round(ms), longest[i][0], round(longest[i][1])] for i, ms in enumerate(periods) if ms > 1.5 * median]
+        slow = [[i, round(ms), longest[i][0], round(longest[i][1])]
+                for i, ms in enumerate(periods) if ms > 1.5 * median]
         return {"steps": len(periods), "step_ms": round(median, 1), "step_ms_mean": round(statistics.fmean(periods), 1),
                 "slow_steps": slow,  # [index from the first, ms, its longest phase, that phase's host ms]
                 "phases_host_gpu_ms": med}

@@ -11,9 +11,15 @@ import ldm.callbacks.checkpointing as ckpt
 from ldm.callbacks.checkpointing import BackgroundCheckpointIO
 
 
+def holds_w(path, value: float) -> bool:
+    """Whether the checkpoint file at `path` holds the weight `state(value)` wrote."""
+    return torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.full((64,), value))
+
+
 def state(value: float = 1.0) -> dict:
     return {"state_dict": {"w": torch.full((64,), value), "b": torch.zeros(3)},
-            "optimizer_states": [{"state": {0: {"exp_avg": torch.full((64,), value / 2)}}, "param_groups": [{"lr": 1e-4}]}],
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.full((64,), value / 2)}},
+                                  "param_groups": [{"lr": 1e-4}]}],
             "callbacks": {"ModelCheckpoint": {"best_k_models": {"a.ckpt": torch.tensor(0.5)}}},
             "global_step": 7}
 
@@ -65,11 +71,11 @@ def test_two_saves_of_one_state_share_the_host_copy_and_removals_keep_their_orde
     io.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=01.ckpt", "last.ckpt"]
     for name in ("epoch=01.ckpt", "last.ckpt"):
-        assert torch.equal(torch.load(tmp_path / name, weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+        assert holds_w(tmp_path / name, 2.0)
     ckpt_dict["state_dict"]["w"].add_(1)  # a later save after an in-place change copies that tensor anew
     io.save_checkpoint(ckpt_dict, tmp_path / "last.ckpt")
     io.teardown()
-    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 3.0))
+    assert holds_w(tmp_path / "last.ckpt", 3.0)
 
 
 def test_a_save_after_the_writes_are_done_copies_into_the_host_memory_of_the_last_one(tmp_path, monkeypatch):
@@ -93,8 +99,7 @@ def test_a_save_after_the_writes_are_done_copies_into_the_host_memory_of_the_las
     loaded = torch.load(tmp_path / "epoch=01.ckpt", weights_only=False)
     assert torch.equal(loaded["state_dict"]["w"], torch.full((64,), 2.0))
     assert torch.equal(loaded["optimizer_states"][0]["state"][0]["exp_avg"], torch.full((64,), 1.5))
-    assert torch.equal(torch.load(tmp_path / "epoch=00.ckpt", weights_only=False)["state_dict"]["w"],
-                       torch.full((64,), 1.0))  # written before its memory was reused
+    assert holds_w(tmp_path / "epoch=00.ckpt", 1.0)  # written before its memory was reused
 
 
 def test_host_memory_a_write_still_reads_is_not_reused(tmp_path, monkeypatch):
@@ -106,8 +111,8 @@ def test_host_memory_a_write_still_reads_is_not_reused(tmp_path, monkeypatch):
     io.save_checkpoint(ckpt_dict, tmp_path / "b.ckpt")  # while a.ckpt is still being written
     gate.release.set()
     io.teardown()
-    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 1.0))
-    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+    assert holds_w(tmp_path / "a.ckpt", 1.0)
+    assert holds_w(tmp_path / "b.ckpt", 2.0)
 
 
 def test_the_memory_check_counts_host_tensors_kept_for_reuse(tmp_path, monkeypatch):
@@ -119,7 +124,7 @@ def test_the_memory_check_counts_host_tensors_kept_for_reuse(tmp_path, monkeypat
     io.save_checkpoint(ckpt_dict, tmp_path / "b.ckpt")
     assert io._writer.pending  # copied into the kept tensors and written in the background, not in place
     io.teardown()
-    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+    assert holds_w(tmp_path / "b.ckpt", 2.0)
 
 
 def test_a_failed_write_names_its_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -145,7 +150,7 @@ def test_without_host_memory_for_the_copy_it_writes_in_place(tmp_path, monkeypat
     io.save_checkpoint(ckpt_dict, tmp_path / "e.ckpt")
     assert (tmp_path / "e.ckpt").exists()  # written before save_checkpoint returned
     ckpt_dict["state_dict"]["w"].add_(1)
-    assert torch.equal(torch.load(tmp_path / "e.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 4.0))
+    assert holds_w(tmp_path / "e.ckpt", 4.0)
     io.teardown()
 
 
@@ -241,7 +246,7 @@ def test_a_failed_reservation_only_costs_the_first_save_fresh_memory(tmp_path, m
     with pytest.warns(UserWarning, match="could not reserve host memory for the checkpoint copy: cannot allocate"):
         io.save_checkpoint(ckpt_dict, tmp_path / "a.ckpt")
     io.teardown()
-    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+    assert holds_w(tmp_path / "a.ckpt", 2.0)
 
 
 class _Tiny(pl.LightningModule):
@@ -342,8 +347,8 @@ def test_a_save_of_the_state_just_saved_is_a_hard_link_to_that_file(tmp_path):
     io.save_checkpoint(ckpt_dict, tmp_path / "last.ckpt")
     io.teardown()
     assert not (tmp_path / "last.ckpt").samefile(tmp_path / "epoch=01.ckpt")
-    assert torch.equal(torch.load(tmp_path / "epoch=01.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
-    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 3.0))
+    assert holds_w(tmp_path / "epoch=01.ckpt", 2.0)
+    assert holds_w(tmp_path / "last.ckpt", 3.0)
 
 
 def test_small_cpu_tensors_a_save_makes_afresh_are_compared_by_their_contents(tmp_path):
@@ -390,7 +395,7 @@ def test_without_hard_links_the_same_state_is_written_in_full(tmp_path, monkeypa
     io.save_checkpoint(ckpt_dict, tmp_path / "last.ckpt")
     io.teardown()
     assert not (tmp_path / "last.ckpt").samefile(tmp_path / "epoch=01.ckpt")
-    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+    assert holds_w(tmp_path / "last.ckpt", 2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=01.ckpt", "last.ckpt"]
 
 
@@ -413,4 +418,4 @@ def test_when_the_first_write_failed_the_second_file_is_still_written(tmp_path, 
         io.wait()
     io.teardown()
     assert not (tmp_path / "epoch=01.ckpt").exists()
-    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["w"], torch.full((64,), 2.0))
+    assert holds_w(tmp_path / "last.ckpt", 2.0)

@@ -286,7 +286,8 @@ def test_sampling_runs_uncompiled_under_cuda_graphs(tiny_model, tmp_path, monkey
     """compile: reduce-overhead: the sample grid runs with the compiled blocks set aside (a graph
     tree would reuse the memory of earlier blocks' outputs between no-grad calls)."""
     stances, real_stance = [], torch.compiler.set_stance
-    monkeypatch.setattr(torch.compiler, "set_stance", lambda name, **kw: stances.append(name) or real_stance(name, **kw))
+    monkeypatch.setattr(torch.compiler, "set_stance",
+                        lambda name, **kw: stances.append(name) or real_stance(name, **kw))
     monkeypatch.setattr(tiny_model, "cudagraphs", True)
     ImageLogger(steps=2, logdir=str(tmp_path)).on_train_batch_end(
         fake_trainer(tmp_path, 250), tiny_model, None, batch(["a"]), 0)

@@ -30,7 +30,8 @@ def test_scan_finds_every_usable_image_and_names_each_skip(image_zoo):
     assert paths["man/deep/er/a man in a hat.png"].caption == "a man in a hat"
     assert (paths["man/IMG_0001.webp"].caption, paths["man/IMG_0001.webp"].caption_source) == (
         "a man lying on a wide sofa", "txt")
-    assert (paths["man/photo.jpeg"].caption, paths["man/photo.jpeg"].caption_source) == ("a very tall window", "caption")
+    photo = paths["man/photo.jpeg"]
+    assert (photo.caption, photo.caption_source) == ("a very tall window", "caption")
     assert paths["paintings_laion/café à l’aube, oil painting.jpg"].caption == "café à l’aube, oil painting"
     assert paths["paintings_laion/hatsune_miku, smiling_(3).png"].caption_cut
     assert paths["paintings_laion/hatsune_miku, smiling_(3).png"].multiply == 0.5
@@ -219,7 +220,8 @@ def test_dry_run_report_from_config_params(image_zoo):
     _, mismatched = dry_run_report({"resolution": 128, "val_split": 0.25}, str(image_zoo), batch_size=2,
                                    token_counter=COUNT, validation={
                                        "target": "ldm.data.ed_validate.EDValidateBatch", "params": {}})
-    assert mismatched["validation"]["also_in_training"] > 0 and any("also training" in w for w in mismatched["warnings"])
+    assert mismatched["validation"]["also_in_training"] > 0
+    assert any("also training" in w for w in mismatched["warnings"])
     with pytest.raises(ConfigError, match="data.params.train.*bogus"):
         dry_run_report({"bogus": 1}, str(image_zoo), batch_size=2, token_counter=COUNT)
 

@@ -32,7 +32,8 @@ def a1111_to_compvis(key: str) -> str:
         (r"lora_unet_down_blocks_(\d)_(attentions|resnets)_(\d)_(.+)",
          lambda m: f"input_blocks_{1 + 3 * int(m[1]) + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
                    + (m[4] if m[2] == "attentions" else resnet(m[4]))),
-        (r"lora_unet_down_blocks_(\d)_downsamplers_0_conv(.*)", lambda m: f"input_blocks_{3 + 3 * int(m[1])}_0_op{m[2]}"),
+        (r"lora_unet_down_blocks_(\d)_downsamplers_0_conv(.*)",
+         lambda m: f"input_blocks_{3 + 3 * int(m[1])}_0_op{m[2]}"),
         (r"lora_unet_mid_block_(attentions|resnets)_(\d)_(.+)",
          lambda m: f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_"
                    + (m[3] if m[1] == "attentions" else resnet(m[3]))),
@@ -79,7 +80,8 @@ def test_sd15_default_targets_are_kohya_s_module_sets(sd1, conv, unet_count):
     assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in keys
     if conv:
         assert {"lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_up_blocks_1_resnets_0_conv_shortcut",
-                "lora_unet_down_blocks_2_downsamplers_0_conv", "lora_unet_mid_block_resnets_1_time_emb_proj"} <= set(keys)
+                "lora_unet_down_blocks_2_downsamplers_0_conv",
+                "lora_unet_mid_block_resnets_1_time_emb_proj"} <= set(keys)
 
 
 def test_every_key_reaches_its_module_through_both_loader_routes(sd1):

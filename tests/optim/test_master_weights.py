@@ -70,7 +70,8 @@ def test_the_kernel_updates_masters_and_weights_in_one_launch_per_step(monkeypat
     pytest.importorskip("triton")
     launches, real = [], triton_adamw.adamw_
     monkeypatch.setattr(triton_adamw, "qualifies", triton_adamw.same_layout)
-    monkeypatch.setattr(triton_adamw, "adamw_", lambda weights, **kw: launches.append(len(weights)) or real(weights, **kw))
+    monkeypatch.setattr(triton_adamw, "adamw_",
+                        lambda weights, **kw: launches.append(len(weights)) or real(weights, **kw))
     check_follows(*follow(5, channels_last=channels_last))
     assert launches == [6] * 5
 
@@ -79,7 +80,8 @@ def test_the_kernel_takes_a_weight_with_its_copy_only_when_all_five_line_up():
     w = torch.zeros(4, 3, 2, 2).to(memory_format=torch.channels_last)
     g, c = w.bfloat16(), w.bfloat16()
     assert triton_adamw.same_layout((w, g, torch.zeros_like(w), torch.zeros_like(w), c))
-    assert not triton_adamw.same_layout((w, g, torch.zeros_like(w), torch.zeros_like(w), torch.zeros(4, 3, 2, 2).bfloat16()))
+    nchw_copy = torch.zeros(4, 3, 2, 2).bfloat16()
+    assert not triton_adamw.same_layout((w, g, torch.zeros_like(w), torch.zeros_like(w), nchw_copy))
     assert not triton_adamw.same_layout((w, w, torch.zeros_like(w), torch.zeros_like(w), c))  # the gradient is bf16
     assert not triton_adamw.same_layout((w.bfloat16(), g, g, g, c))  # the master, m and v are fp32
 
@@ -166,7 +168,8 @@ def test_a_step_computes_what_autocast_computes_on_fp32_weights():
 def test_the_settings_adamw_master_cannot_honour_are_refused_by_name():
     with pytest.raises(ValueError, match="unet_precision: optimizer.name adamw_master .* set unet_precision: bf16"):
         build(use_ema=False, optimizer={"name": "adamw_master"})
-    with pytest.raises(ValueError, match="EMA .* set use_ema: false, or unet_precision: fp32 with optimizer.name: adamw"):
+    with pytest.raises(ValueError,
+                       match="EMA .* set use_ema: false, or unet_precision: fp32 with optimizer.name: adamw"):
         build(use_ema=True, unet_precision="bf16", optimizer={"name": "adamw_master"})
     with pytest.raises(ConfigError, match="fused_backward: not with adamw_master"):
         OptimizerConfig.from_mapping({"name": "adamw_master", "fused_backward": True})

@@ -184,7 +184,8 @@ def test_the_adapter_header_names_the_optimizer_as_kohya_does(fake_bnb):
 
     assert name({}) == "torch.optim.adamw.AdamW"
     assert name({"weight_decay": 0.01}, "cuda") == "torch.optim.adamw.AdamW(weight_decay=0.01,fused=True)"
-    assert name({"name": "adamw8bit", "betas": [0.9, 0.999]}) == "bitsandbytes.optim.adamw.AdamW8bit(betas=(0.9, 0.999))"
+    expected = "bitsandbytes.optim.adamw.AdamW8bit(betas=(0.9, 0.999))"
+    assert name({"name": "adamw8bit", "betas": [0.9, 0.999]}) == expected
     assert name({"name": "lion", "weight_decay": 0.1}) == "lion_pytorch.lion_pytorch.Lion(weight_decay=0.1)"
     assert name({"name": "prodigy", "lr": 1.0, "args": {"d_coef": 2}}) == "prodigyopt.prodigy.Prodigy(d_coef=2)"
     assert name({"name": "adafactor", "lr": 1e-2}) == "torch.optim.Adafactor"

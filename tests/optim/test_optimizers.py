@@ -17,7 +17,8 @@ def parts():
 def test_the_documented_section_parses():
     cfg = OptimizerConfig.from_mapping(SECTION)
     assert cfg == OptimizerConfig()  # the section above is the default
-    set_ = OptimizerConfig.from_mapping({"weight_decay": 0, "betas": [0.9, 0.99], "eps": 1e-6, "text_encoder_stop": 0.5})
+    set_ = OptimizerConfig.from_mapping(
+        {"weight_decay": 0, "betas": [0.9, 0.99], "eps": 1e-6, "text_encoder_stop": 0.5})
     assert (set_.weight_decay, set_.betas, set_.eps, set_.text_encoder_stop) == (0.0, (0.9, 0.99), 1e-6, 0.5)
 
 
@@ -145,5 +146,6 @@ def test_optional_packages_name_their_pip_extra():
 
 
 def test_registry_holds_builders_by_lowercase_name():
-    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "adamw_bf16", "adamw8bit_bf16", "adamw_master", "lion", "prodigy", "adafactor"}
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "adamw_bf16", "adamw8bit_bf16", "adamw_master",
+                               "lion", "prodigy", "adafactor"}
     assert all(callable(b) and name == name.lower() for name, b in OPTIMIZERS.items())

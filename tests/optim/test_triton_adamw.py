@@ -24,7 +24,8 @@ def kernel(monkeypatch):
         pytest.skip("the kernel runs on CPU tensors in Triton's interpreter only")
     monkeypatch.setattr(triton_adamw, "qualifies", triton_adamw.same_layout)
     launches, real = [], triton_adamw.adamw_
-    monkeypatch.setattr(triton_adamw, "adamw_", lambda weights, **kw: launches.append(len(weights)) or real(weights, **kw))
+    monkeypatch.setattr(triton_adamw, "adamw_",
+                        lambda weights, **kw: launches.append(len(weights)) or real(weights, **kw))
     return launches
 
 
@@ -41,7 +42,8 @@ def test_one_launch_per_step_count_is_adamw_on_fp32_weights(kernel):
         g = torch.Generator().manual_seed(step)
         x, img = torch.randn(2, 70, generator=g), torch.randn(2, 3, 6, 6, generator=g)
         for model, opt in ((a, opt_a), (b, opt_b)):
-            (model[0](x).square().mean() + model[1](img).square().mean() + model[2](x[:, :4]).square().mean()).backward()
+            loss = model[0](x).square().mean() + model[1](img).square().mean() + model[2](x[:, :4]).square().mean()
+            loss.backward()
             if step % 2:
                 model[2].bias.grad = None  # skips this step
             opt.step()
