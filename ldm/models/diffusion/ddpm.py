@@ -16,11 +16,11 @@ precision, and checkpoints hold the adapter (`network.*`) alone. State-dict name
 `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule
 buffers, and `model_ema.*` when EMA is on. The validation loss and the scopes that
 validation and sampling run in are in ldm.models.diffusion.evaluation, what a run saves,
-restores and sets up around training in ldm.models.diffusion.run_state (mixins).
+restores and sets up around training in ldm.models.diffusion.run_state, the optimizer and the
+hooks around its step in ldm.models.diffusion.optimization (mixins).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -31,18 +31,18 @@ from torch import nn
 from ldm.models.diffusion import losses, schedule
 from ldm.models.diffusion.checkpoint_check import checkpoint_warnings
 from ldm.models.diffusion.evaluation import Evaluation
+from ldm.models.diffusion.optimization import Optimization
 from ldm.models.diffusion.run_state import RunState
 from ldm.modules.adapters.config import NetworkConfig, base_dtype
 from ldm.modules.adapters.network import AdapterNetwork
-from ldm.modules.cuda_graphs import GraphedUNet, check_cuda_graphs, check_cuda_graphs_trainer
+from ldm.modules.cuda_graphs import GraphedUNet, check_cuda_graphs
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.output_cache import text_encoder_output_cache
-from ldm.modules.regional_compile import (check_cudagraphs, check_cudagraphs_trainer, check_memory_budget,
-                                          compile_model, whole_unet_pays)
-from ldm.optim.low_memory import check_channels_last, check_trainer, compile_updates, unet_dtype
-from ldm.optim.master_weights import MasterWeights, check_master_trainer
-from ldm.optim.optimizers import OptimizerConfig, build_optimizer, build_scheduler, schedule_steps
+from ldm.modules.regional_compile import check_cudagraphs, check_memory_budget, compile_model, whole_unet_pays
+from ldm.optim.low_memory import check_channels_last, unet_dtype
+from ldm.optim.master_weights import MasterWeights
+from ldm.optim.optimizers import OptimizerConfig
 from ldm.util import instantiate_from_config
 
 
@@ -62,7 +62,7 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
-class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
+class LatentDiffusion(Evaluation, RunState, Optimization, pl.LightningModule):
     def __init__(
         self,
         unet_config: Mapping[str, Any],
@@ -390,59 +390,8 @@ class LatentDiffusion(Evaluation, RunState, pl.LightningModule):
         self.log("train/loss_smooth", self._loss_smooth, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._graphed is None or not self._graphed.active:
-            optimizer.zero_grad(set_to_none=True)
-            return
-        # with CUDA graphs the gradients stay the tensors the graphs add into (ldm.modules.cuda_graphs):
-        # zeroed in place; an eager step (a new shape's, with cuDNN's trials on) adds into them too.
-        # One multi-tensor kernel per few dozen gradients: Optimizer.zero_grad launches one per weight
-        # (~690 for SD's UNet, 2 ms of the GPU's 110 per batch-6 step; doc/performance/end-to-end.md)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
-
     def on_train_end(self) -> None:
         super().on_train_end()
         if self._graphed is not None:  # the graphs' memory pool back to the allocator
             self._graphed.release()
             self._graphed = None
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The step, then the EMA update: here rather than in on_train_batch_end (as CompVis
-        did), because checkpoint callbacks run before that hook and would save an EMA one
-        update behind the weights; with gradient accumulation, one update per optimizer step."""
-        super().optimizer_step(*args, **kwargs)
-        if self.use_ema:
-            self.model_ema(self.model)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        cfg = dataclasses.replace(self.optimizer_config, lr=self.learning_rate)
-        if self.network_config is not None:
-            net = self.network_config
-            lr = net.unet_lr or self.learning_rate
-            cfg = dataclasses.replace(cfg, lr=lr, text_encoder_lr=net.text_encoder_lr or cfg.text_encoder_lr or lr)
-            groups = self.network.param_groups()
-        else:
-            groups = {"unet": [p for p in self.model.parameters() if p.requires_grad]}
-        if self.cond_stage_trainable:
-            groups["text_encoder"] = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        if cfg.fused_backward and self._trainer is not None:
-            check_trainer(self.trainer, "model.params.optimizer")
-        if cfg.name == "adamw_master" and self._trainer is not None:
-            check_master_trainer(self.trainer, "model.params.optimizer")
-        if self.cudagraphs and self._trainer is not None:
-            check_cudagraphs_trainer(self.trainer)
-        if self.cuda_graphs and self._trainer is not None:
-            self.cuda_graphs = check_cuda_graphs_trainer(self.trainer, self.cuda_graphs)
-        opt = build_optimizer(groups, cfg, self.device.type, key="model.params.optimizer")
-        if self.masters is not None:
-            opt.use(self.masters)
-        if self.compile_blocks:
-            compile_updates(opt)  # adamw_bf16's update as one kernel (other optimizers: unchanged)
-        # from the data plan: trainer.estimated_stepping_batches would iterate the loader here,
-        # forking its workers before on_fit_start fills the latent cache (ldm.optim.optimizers)
-        total = schedule_steps(self.trainer) if self._trainer is not None else 1
-        scheduler = build_scheduler(opt, cfg, max(int(total), 1), key="model.params.optimizer")
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
