@@ -19,6 +19,7 @@
     python bench/train_step.py ... --compile --inductor conv_1x1_as_mm=1   # torch._inductor.config settings
     python bench/train_step.py ... --blas cublaslt|tunableop     # the products' library (bench/gemm_shapes.py)
     python bench/train_step.py ... --compile --channels_last --inductor_norm   # GroupNorms in inductor's kernels
+    python bench/train_step.py ... --channels_last --norm_tiles 64,64,4,64   # the Triton norms' tiles
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
@@ -293,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --compile --channels_last: the GroupNorms (+ SiLU) through inductor's kernels "
                         "(GroupNorm32.triton_when_compiled = False), not the Triton operator "
                         "(bench/group_norm_step.py)")
+    p.add_argument("--norm_tiles", default=None, metavar="P,C,WARPS,SPAN",
+                   help="with --channels_last: the Triton GroupNorm kernels' tiles (triton_group_norm.Tiles) "
+                        "instead of the shipped TILES (bench/group_norm_tiles.py)")
     p.add_argument("--blas", choices=["default", "cublaslt", "tunableop"], default="default",
                    help="the products' library: torch's choice, cuBLASLt preferred, or TunableOp (each shape's "
                         "fastest cuBLAS/cuBLASLt algorithm, tuned at its first call; bench/gemm_shapes.py)")
@@ -316,6 +320,8 @@ def main() -> None:
     setup_cuda()
     set_blas(args.blas)
     GroupNorm32.triton_when_compiled = not args.inductor_norm
+    if args.norm_tiles:
+        triton_group_norm.TILES = triton_group_norm.Tiles(*map(int, args.norm_tiles.split(",")))
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rate = matmul_tflops()
     step, compile_fn = (ours if args.impl == "ours" else baseline)(args)
@@ -356,6 +362,7 @@ def main() -> None:
                         **({"inductor": args.inductor} if args.inductor else {}),
                         **({"blas": args.blas} if args.blas != "default" else {}),
                         **({"inductor_norm": True} if args.inductor_norm else {}),
+                        **({"norm_tiles": args.norm_tiles} if args.norm_tiles else {}),
                         **({"memory_budget": args.memory_budget} if args.memory_budget is not None else {}),
                         **({"plan": args.plan} if args.plan else {}))
     record.update(tflop_per_img=round(flops / 1e12, 3), matmul_tflops=round(rate, 1),

@@ -27,12 +27,17 @@ def nhwc(*shape, dtype=torch.float32, mean=0.0, seed=0):
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
+SMALL_TILES = triton_group_norm.Tiles(p=16, c=32, warps=4, span=32)  # several spans and channel blocks
+
+
+@pytest.mark.parametrize("tiles", [triton_group_norm.TILES, SMALL_TILES], ids=["shipped", "small"])
 @pytest.mark.parametrize("shape, groups", [
-    ((2, 64, 5, 7), 32),     # 35 positions: one partial tile; 2 channels a group
-    ((2, 96, 12, 11), 32),   # 132 positions: three tiles, the last partial; 3 channels a group (not a power of 2)
-    ((1, 160, 9, 8), 8),     # 20 channels a group, 160 channels: three channel blocks, the last partial
+    ((2, 64, 5, 7), 32),     # 35 positions: few programs, so spans of one tile, the last partial
+    ((2, 96, 12, 11), 32),   # 132 positions, 3 channels a group (not a power of 2; small: groups across blocks)
+    ((1, 160, 9, 8), 8),     # 20 channels a group, 160 channels: channel blocks, the last partial
 ])
-def test_forward_and_gradients_match_group_norm(shape, groups):
+def test_forward_and_gradients_match_group_norm(shape, groups, tiles, monkeypatch):
+    monkeypatch.setattr(triton_group_norm, "TILES", tiles)
     x = nhwc(*shape, mean=40.0).requires_grad_()  # a large mean: the variance from deviations, not E[x^2] - E[x]^2
     weight = torch.randn(shape[1], generator=torch.Generator().manual_seed(1)).requires_grad_()
     bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(2)).requires_grad_()
@@ -68,6 +73,23 @@ def test_without_weight_and_bias_and_gradient_of_the_input_only():
     y.square().sum().backward()
     ref.square().sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, span", [
+    ((32, 320, 64, 64), 1024),  # 32 x 4 spans x 3 channel blocks: 384 programs
+    ((32, 640, 32, 32), 512),   # 1024 would give 160
+    ((6, 640, 32, 32), 64),     # batch 6: 1024 would give 30 programs, 64 gives 480
+    ((6, 1280, 8, 8), 32),      # down to one tile: 6 x 2 x 10 = 120 programs, no smaller span
+])
+def test_spans_shrink_until_the_summing_kernels_have_enough_programs(shape, span):
+    x = torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last)
+    assert triton_group_norm._tiles(x, triton_group_norm.Tiles(p=32, c=128, warps=4, span=1024))[4] == span
+
+
+def test_a_span_that_is_not_a_multiple_of_the_tile_is_refused(monkeypatch):
+    monkeypatch.setattr(triton_group_norm, "TILES", triton_group_norm.Tiles(p=32, c=64, warps=4, span=48))
+    with pytest.raises(ValueError, match="span 48 is not a multiple of 32 positions"):
+        triton_group_norm.group_norm_nhwc(nhwc(1, 64, 2, 2), 32, None, None, 1e-5)
 
 
 def test_channels_that_do_not_split_into_the_groups_are_refused():

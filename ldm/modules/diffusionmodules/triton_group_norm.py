@@ -12,10 +12,10 @@ Forward, per group g of sample b over its N = P * C/G values (statistics in floa
     mean, var = mean(x), mean((x - mean)^2)      rstd = 1 / sqrt(var + eps)
     y = (x - mean) * rstd * weight + bias
 
-computed in three launches: `_tile_stats` (per tile of BLOCK_P positions and BLOCK_C
-channels: each channel's mean and sum of squared deviations), `_group_stats` (per (b, g):
-the tiles merged as in Chan et al.'s parallel variance, exact), `_normalize`. Backward, with
-xhat = (x - mean) * rstd and the sums over the group:
+computed in three launches: `_tile_stats` (per span of `Tiles.span` positions and `Tiles.c`
+channels: each channel's mean and sum of squared deviations, from shifted sums), `_group_stats`
+(per (b, g): the spans merged as in Chan et al.'s parallel variance, exact), `_normalize` (per
+tile of `Tiles.p` positions). Backward, with xhat = (x - mean) * rstd and the sums over the group:
 
     dx = rstd * (weight * dy - sum(weight * dy) / N - xhat * sum(weight * dy * xhat) / N)
     dweight = sum over (b, p) of dy * xhat,  dbias = sum over (b, p) of dy
@@ -33,7 +33,7 @@ thirty-fifth session). Tests run the kernels on the CPU in Triton's interpreter
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -44,9 +44,21 @@ try:
 except ImportError:  # torch builds without Triton: GroupNorm32 keeps torch's kernel
     triton = None
 
-BLOCK_P = 64  # positions per tile
-BLOCK_C = 64  # channels per tile
 BLOCK_T = 64  # tiles per step of the per-group loops
+
+
+class Tiles(NamedTuple):
+    """How the map-sized kernels split [B, P, C]: tiles of `p` positions by `c` channels, one
+    program of `warps` warps each; the two that sum over positions (`_tile_stats`,
+    `_tile_grads`) take `span` positions per program (a multiple of `p`), `p` at a time."""
+    p: int = 32
+    c: int = 128
+    warps: int = 4
+    span: int = 1024
+
+
+TILES = Tiles()  # the fastest on SD 1.x's UNet norms at batch 32 on an H200 (bench/group_norm_tiles.py)
+MIN_PROGRAMS = 256  # ~2 per multiprocessor of an H100/H200: spans shrink below this (`_tiles`)
 
 
 def qualifies(x: torch.Tensor) -> bool:
@@ -77,21 +89,39 @@ if triton is not None:
         return bt, c, cmask, mask, b * G + c // (C // G), (b * P + p[:, None]).to(tl.int64) * C + c[None, :]
 
     @triton.jit
-    def _tile_stats(x_ptr, mean_ptr, m2_ptr, P, C, T, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per tile (b, t) and channel c: the mean and sum of squared deviations of x[b, p, c]
-        over the tile's positions p. x: [B, P, C]; mean, m2: [B, T, C] float32."""
+    def _span(P, C, T, SPAN: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's span of [B, P, C]: (b * T + t, b, its first position and the position
+        after its last, its channels, their mask)."""
         bt, cb = tl.program_id(0), tl.program_id(1)
         b, t = bt // T, bt % T
-        p = t * BLOCK_P + tl.arange(0, BLOCK_P)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (p[:, None] < P) & (c[None, :] < C)
-        x = tl.load(x_ptr + (b * P + p[:, None]).to(tl.int64) * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        n = tl.minimum(P - t * BLOCK_P, BLOCK_P).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n
-        d = tl.where(mask, x - mean[None, :], 0.0)
+        return bt, b, t * SPAN, tl.minimum(t * SPAN + SPAN, P), c, c < C
+
+    @triton.jit
+    def _tile_stats(x_ptr, mean_ptr, m2_ptr, P, C, T, SPAN: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+        """Per span (b, t) of SPAN positions and channel c: the mean and the sum of squared
+        deviations of x[b, p, c] over the span's positions. One pass in chunks of BLOCK_P
+        positions, summing d = x - k and d^2 elementwise, reduced once at the end (k: the span's
+        first row, a shift that keeps the cancellation in sum(d^2) - sum(d)^2 / n small).
+        x: [B, P, C]; mean, m2: [B, T, C] float32."""
+        bt, b, start, end, c, cmask = _span(P, C, T, SPAN, BLOCK_C)
+        row0 = (b * P).to(tl.int64) * C
+        k = tl.load(x_ptr + row0 + start * C + c, mask=cmask, other=0.0).to(tl.float32)
+        s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (p[:, None] < end) & cmask[None, :]
+            x = tl.load(x_ptr + row0 + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - k[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+        n = (end - start).to(tl.float32)
+        d1 = tl.sum(s1, axis=0)
         out = bt * C + c
-        tl.store(mean_ptr + out, mean, mask=c < C)
-        tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=c < C)
+        tl.store(mean_ptr + out, k + d1 / n, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(tl.sum(s2, axis=0) - d1 * d1 / n, 0.0), mask=cmask)
 
     @triton.jit
     def _group(P, C, G, BLOCK_CG: tl.constexpr):
@@ -104,7 +134,7 @@ if triton is not None:
 
     @triton.jit
     def _group_stats(mean_ptr, m2_ptr, gmean_ptr, rstd_ptr, P, C, T, G, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_P: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_CG: tl.constexpr, SPAN: tl.constexpr):
         """Per (b, g): the tiles' means and squared deviations of the group's channels merged
         (Chan et al.): mean = sum(n_t mean_tc) / N, M2 = sum(M2_tc) + sum(n_t (mean_tc - mean)^2)."""
         bg, b, c, cmask, count = _group(P, C, G, BLOCK_CG)
@@ -112,7 +142,7 @@ if triton is not None:
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             mask = (t[:, None] < T) & cmask[None, :]
-            n = tl.minimum(P - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            n = tl.minimum(P - t * SPAN, SPAN).to(tl.float32)
             m = tl.load(mean_ptr + (b * T + t[:, None]) * C + c[None, :], mask=mask, other=0.0)
             total += tl.sum(m * n[:, None], axis=0)
         mean = tl.sum(total, axis=0) / count
@@ -120,7 +150,7 @@ if triton is not None:
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             mask = (t[:, None] < T) & cmask[None, :]
-            n = tl.minimum(P - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            n = tl.minimum(P - t * SPAN, SPAN).to(tl.float32)
             offs = (b * T + t[:, None]) * C + c[None, :]
             d = tl.load(mean_ptr + offs, mask=mask, other=0.0) - mean
             m2 += tl.sum(tl.load(m2_ptr + offs, mask=mask, other=0.0) + tl.where(mask, n[:, None] * d * d, 0.0),
@@ -165,19 +195,30 @@ if triton is not None:
     @triton.jit
     def _tile_grads(x_ptr, dy_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, P, C, T, G,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per tile (b, t) and channel c: sum of g and of g * xhat over the tile's positions
-        (g: `_norm_grad` of dy)."""
-        bt, c, cmask, mask, group, offs = _tile(P, C, T, G, BLOCK_P, BLOCK_C)
+                    SPAN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per span (b, t) of SPAN positions and channel c: sum of g and of g * xhat over the
+        span's positions (g: `_norm_grad` of dy), in chunks of BLOCK_P positions summed
+        elementwise and reduced once at the end."""
+        bt, b, start, end, c, cmask = _span(P, C, T, SPAN, BLOCK_C)
+        group = b * G + c // (C // G)
         mean = tl.load(gmean_ptr + group, mask=cmask, other=0.0)
         rstd = tl.load(rstd_ptr + group, mask=cmask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        dy = _norm_grad(dy, xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, SILU)
+        row0 = (b * P).to(tl.int64) * C
+        a1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (p[:, None] < end) & cmask[None, :]
+            offs = row0 + p[:, None] * C + c[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean[None, :]) * rstd[None, :]
+            g = tl.where(mask, _norm_grad(dy, xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, SILU), 0.0)
+            a1 += g
+            a2 += g * xhat
         out = bt * C + c
-        tl.store(sdy_ptr + out, tl.sum(tl.where(mask, dy, 0.0), axis=0), mask=cmask)
-        tl.store(sdyx_ptr + out, tl.sum(tl.where(mask, dy * xhat, 0.0), axis=0), mask=cmask)
+        tl.store(sdy_ptr + out, tl.sum(a1, axis=0), mask=cmask)
+        tl.store(sdyx_ptr + out, tl.sum(a2, axis=0), mask=cmask)
 
     @triton.jit
     def _group_grads(sdy_ptr, sdyx_ptr, w_ptr, c1_ptr, c2_ptr, P, C, T, G,
@@ -219,10 +260,18 @@ if triton is not None:
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(B, P, C, T) of an NHWC map: T tiles of BLOCK_P positions per sample."""
+def _tiles(x: torch.Tensor, tiles: Tiles) -> tuple[int, int, int, int, int, int]:
+    """(B, P, C, T, span, S) of an NHWC map: T tiles of tiles.p positions and S spans of `span`
+    positions per sample. `span` is tiles.span, halved (down to tiles.p) while the summing
+    kernels would run fewer than MIN_PROGRAMS programs: at batch 6 spans of 1024 left most of an
+    H200's 132 multiprocessors idle on the UNet's smaller maps (doc/performance/step.md)."""
     b, c, h, w = x.shape
-    return b, h * w, c, triton.cdiv(h * w, BLOCK_P)
+    if tiles.span % tiles.p:
+        raise ValueError(f"group_norm_nhwc: span {tiles.span} is not a multiple of {tiles.p} positions")
+    span, cblocks = tiles.span, triton.cdiv(c, tiles.c)
+    while span > tiles.p and span % (2 * tiles.p) == 0 and b * triton.cdiv(h * w, span) * cblocks < MIN_PROGRAMS:
+        span //= 2
+    return b, h * w, c, triton.cdiv(h * w, tiles.p), span, triton.cdiv(h * w, span)
 
 
 def _block_cg(c: int, groups: int) -> int:
@@ -254,40 +303,47 @@ class _Unlaunched:
 
 
 def _forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-             silu: bool, launch=_direct) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             silu: bool, launch=_direct, tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, group mean [B * groups], group rstd [B * groups]) of an NHWC map; `launch` wraps
-    each kernel (wrap_triton inside the operator, so inductor can trace the launches)."""
-    b, p, c, t = _tiles(x)
-    mean, m2 = (torch.empty((b, t, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per tile
+    each kernel (wrap_triton inside the operator, so inductor can trace the launches); `tiles`:
+    TILES unless given."""
+    tiles = tiles or TILES
+    b, p, c, t, span, spans = _tiles(x, tiles)
+    mean, m2 = (torch.empty((b, spans, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per span
     gmean, rstd = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
-    grid = (b * t, triton.cdiv(c, BLOCK_C))
-    launch(_tile_stats)[grid](x, mean, m2, p, c, t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    launch(_group_stats)[(b * groups,)](mean, m2, gmean, rstd, p, c, t, groups, eps,
-                                        BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), BLOCK_P=BLOCK_P)
+    cblocks = triton.cdiv(c, tiles.c)
+    block = dict(BLOCK_P=tiles.p, BLOCK_C=tiles.c, num_warps=tiles.warps)
+    launch(_tile_stats)[(b * spans, cblocks)](x, mean, m2, p, c, spans, SPAN=span, **block)
+    launch(_group_stats)[(b * groups,)](mean, m2, gmean, rstd, p, c, spans, groups, eps,
+                                        BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups), SPAN=span)
     y = torch.empty_like(x)  # NHWC, as x
-    launch(_normalize)[grid](x, y, weight, bias, gmean, rstd, p, c, t, groups, HAS_W=weight is not None,
-                             HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    launch(_normalize)[(b * t, cblocks)](x, y, weight, bias, gmean, rstd, p, c, t, groups, HAS_W=weight is not None,
+                             HAS_B=bias is not None, SILU=silu, **block)
     return y, gmean, rstd
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
               gmean: torch.Tensor, rstd: torch.Tensor, groups: int, silu: bool, input_grad: bool,
-              launch=_direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+              launch=_direct, tiles: Tiles | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx or None, and [C] float32 each: the sums over (b, p) of g and of g * xhat, the bias's
     and the weight's gradients)."""
+    tiles = tiles or TILES
     dy = dy.contiguous(memory_format=torch.channels_last)
-    b, p, c, t = _tiles(x)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    sdy, sdyx = (torch.empty((b, t, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per tile
-    grid = (b * t, triton.cdiv(c, BLOCK_C))
-    launch(_tile_grads)[grid](x, dy, weight, bias, gmean, rstd, sdy, sdyx, p, c, t, groups, **flags)
+    b, p, c, t, span, spans = _tiles(x, tiles)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_P=tiles.p, BLOCK_C=tiles.c,
+                 num_warps=tiles.warps)
+    sdy, sdyx = (torch.empty((b, spans, c), dtype=torch.float32, device=x.device) for _ in range(2))  # per span
+    cblocks = triton.cdiv(c, tiles.c)
+    launch(_tile_grads)[(b * spans, cblocks)](x, dy, weight, bias, gmean, rstd, sdy, sdyx, p, c, spans, groups,
+                                              SPAN=span, **flags)
     dx = None
     if input_grad:
         c1, c2 = (torch.empty(b * groups, dtype=torch.float32, device=x.device) for _ in range(2))
-        launch(_group_grads)[(b * groups,)](sdy, sdyx, weight, c1, c2, p, c, t, groups, HAS_W=weight is not None,
-                                            BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
+        launch(_group_grads)[(b * groups,)](sdy, sdyx, weight, c1, c2, p, c, spans, groups,
+                                            HAS_W=weight is not None, BLOCK_T=BLOCK_T, BLOCK_CG=_block_cg(c, groups))
         dx = torch.empty_like(x)
-        launch(_input_grad)[grid](x, dy, dx, weight, bias, gmean, rstd, c1, c2, p, c, t, groups, **flags)
+        launch(_input_grad)[(b * t, cblocks)](x, dy, dx, weight, bias, gmean, rstd, c1, c2, p, c, t, groups,
+                                              **flags)
     return dx, sdy.sum((0, 1)), sdyx.sum((0, 1))
 
 
