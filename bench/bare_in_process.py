@@ -77,7 +77,8 @@ class BareInProcess(pl.Callback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int, label: str,
                 loader: bool = False, steps: int | None = None, wait_writes: bool = True,
                 profile: bool = False) -> None:
-        from common import CAPTIONS, our_step, profile as torch_profile
+        from common import CAPTIONS, our_step
+        from profiling import profile as torch_profile
         from phase_probe import Phases
         from thread_probe import Sample
         from train_step import bucket_steps

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from common import CAPTIONS, emit, our_model, print_kernel_kinds, setup_cuda
+from common import CAPTIONS, emit, our_model, setup_cuda
+from profiling import print_kernel_kinds
 from ldm.modules.diffusionmodules import util  # noqa: E402 (common puts the repo on sys.path)
 from ldm.optim.master_weights import MasterWeights  # noqa: E402
 

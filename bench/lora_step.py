@@ -27,7 +27,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, profile, setup_cuda, sync_check, time_steps
+from common import CAPTIONS, diffusers_sd15_unet, emit, our_model, our_step, setup_cuda, time_steps
+from profiling import profile, sync_check
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 
 

@@ -4,7 +4,7 @@ target 2: with `cuda_graphs` main.py's steps between the pauses ran 2.2% slower 
     E2E_OVERRIDES="... bench/configs/step_profile.yaml" bash bench/end_to_end.sh /tmp/e2e
 
 From global step `start`, `steps` steps under torch's profiler (host and GPU), then the same
-report as `python bench/train_step.py ... --profile` prints for the bare step (bench/common.py):
+report as `python bench/train_step.py ... --profile` prints for the bare step (bench/profiling.py):
 the GPU's time by kind of kernel, its idle time per step and the longest idle gaps, each with
 what the host ran while the GPU waited. With bench/bare_in_process.py's `profile: true` the
 bare step in the same process prints its own after it is timed. The kernels both run are the
@@ -37,7 +37,7 @@ class StepProfile(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self._prof is not None and trainer.global_step == self.start + self.steps:
-            from common import print_profile
+            from profiling import print_profile
             torch.cuda.synchronize()
             self._prof.stop()
             print(f"== step profile: main.py, global steps {self.start}-{trainer.global_step - 1}", flush=True)

@@ -52,8 +52,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (CAPTIONS, diffusers_sd15_unet, emit, host_profile, matmul_tflops, our_model, our_step, profile,
-                    profile_ops, setup_cuda, step_flops, sync_check, time_steps, tunableop)
+from common import (CAPTIONS, diffusers_sd15_unet, emit, matmul_tflops, our_model, our_step, setup_cuda, step_flops,
+                    time_steps, tunableop)
+from profiling import host_profile, profile, profile_ops, sync_check
 from ldm.modules.regional_compile import compile_model, whole_unet_pays  # noqa: E402 (common puts the repo on sys.path)
 from ldm.modules.diffusionmodules import triton_group_norm  # noqa: E402
 from ldm.modules.diffusionmodules.util import GroupNorm32  # noqa: E402

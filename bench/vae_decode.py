@@ -18,7 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-from common import ROOT, emit, profile
+from common import ROOT, emit
+from profiling import profile
 from torch.utils.flop_counter import FlopCounterMode
 
 DEVICE = "cuda"
