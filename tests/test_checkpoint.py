@@ -1,5 +1,7 @@
+"""ldm/checkpoint.py: bit-exact round trips (.ckpt, .safetensors), raw, wrapped and Lightning
+files, old pickles, the text encoder's position ids, and loading into a model (groups, EMA,
+missing and mismatched weights). Refusals and failed saves: test_checkpoint_refusals.py."""
 import collections
-import os
 import pathlib
 
 import numpy as np
@@ -12,7 +14,6 @@ from torch import nn
 from ldm.checkpoint import (
     POSITION_IDS_KEY,
     CheckpointError,
-    UnsafeCheckpointError,
     group_of,
     load_checkpoint_file,
     load_into_model,
@@ -20,64 +21,9 @@ from ldm.checkpoint import (
     save_checkpoint,
     use_ema_weights,
 )
+from tiny_ldm import TinyLDM, assert_bit_exact, random_sd, sd_of
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-# --------------------------------------------------------------------------- helpers
-class TinyLDM(nn.Module):
-    """Parameter names shaped like a CompVis LatentDiffusion, a few hundred numbers in all."""
-
-    def __init__(self, ema: bool = False, position_ids: bool = False):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = nn.Module()
-        self.model.diffusion_model.input_blocks = nn.ModuleList([nn.Conv2d(4, 8, 3)])
-        self.model.diffusion_model.out = nn.Linear(8, 4)
-        self.first_stage_model = nn.Module()
-        self.first_stage_model.encoder = nn.Conv2d(3, 4, 1)
-        self.cond_stage_model = nn.Module()
-        self.cond_stage_model.transformer = nn.Module()
-        text = self.cond_stage_model.transformer.text_model = nn.Module()
-        text.embeddings = nn.Module()
-        text.embeddings.token_embedding = nn.Embedding(10, 8)
-        if position_ids:  # as older transformers versions kept it: a persistent buffer
-            text.embeddings.register_buffer("position_ids", torch.arange(77)[None])
-        self.register_buffer("betas", torch.linspace(1e-4, 2e-2, 10))
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - self.betas, 0))
-        if ema:  # LitEma-style buffers: UNet wrapper names without dots
-            self.model_ema = nn.Module()
-            for name, p in self.model.named_parameters():
-                self.model_ema.register_buffer(name.replace(".", ""), p.detach().clone())
-            self.model_ema.register_buffer("decay", torch.tensor(0.9999))
-            self.model_ema.register_buffer("num_updates", torch.tensor(0, dtype=torch.int32))
-
-
-def sd_of(model: nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def random_sd(dtype=torch.float32, ema=False) -> dict:
-    torch.manual_seed(0)
-    sd = {k: torch.randn_like(v, dtype=dtype) if v.is_floating_point() else v.clone()
-          for k, v in TinyLDM(ema=ema).state_dict().items()}
-    if ema:
-        sd["model_ema.num_updates"] = torch.tensor(123, dtype=torch.int32)
-    sd[POSITION_IDS_KEY] = torch.arange(77)[None]
-    # values where "close" is not "equal": signed zero, infinities, subnormals, NaN
-    sd["model.diffusion_model.out.bias"] = torch.tensor([-0.0, float("inf"), 1e-40, float("nan")]).to(dtype)
-    return sd
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bit_exact(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(bits(a[k]), bits(b[k])), k
 
 
 # --------------------------------------------------------------------------- round trips
@@ -231,112 +177,6 @@ def test_numpy_global_step_loads(tmp_path, numpy_module):
     top = load_checkpoint_file(path)
     assert top["global_step"] == 470000 and top["lr"] == np.float32(1e-4)
     assert_bit_exact(load_state_dict(path), sd)
-
-
-# --------------------------------------------------------------------------- refusing and bad files
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class WritesFile:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
-@pytest.mark.parametrize("payload, global_name", [(RunsShell, "system"), (WritesFile, "open")])
-@pytest.mark.parametrize("legacy", [False, True])
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, global_name, legacy):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": random_sd(), "x": payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
-    for load in (load_state_dict, load_checkpoint_file):
-        with pytest.raises(UnsafeCheckpointError) as e:
-            load(path)
-        message = str(e.value)
-        assert str(path) in message and global_name in message
-        assert "arbitrary code" in message and ".safetensors" in message
-    assert not marker.exists()
-
-
-def test_disallowed_object_type_is_refused(tmp_path):
-    torch.save({"state_dict": random_sd(), "v": torch.torch_version.TorchVersion("2.0")}, tmp_path / "m.ckpt")
-    with pytest.raises(UnsafeCheckpointError, match="TorchVersion"):
-        load_checkpoint_file(tmp_path / "m.ckpt")
-
-
-def test_file_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        load_state_dict(tmp_path / "nope.ckpt")
-    (tmp_path / "dir.ckpt").mkdir()
-    with pytest.raises(IsADirectoryError, match="dir.ckpt"):
-        load_state_dict(tmp_path / "dir.ckpt")
-    (tmp_path / "m.bin").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="m.bin.*extension"):
-        load_state_dict(tmp_path / "m.bin")
-    with pytest.raises(CheckpointError, match="m.bin.*extension"):
-        save_checkpoint(random_sd(), tmp_path / "m.bin")
-    (tmp_path / "empty.ckpt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty.ckpt.*empty"):
-        load_state_dict(tmp_path / "empty.ckpt")
-
-
-def test_corrupt_files_name_the_file(tmp_path):
-    save_checkpoint(random_sd(), tmp_path / "good.ckpt")
-    save_checkpoint(random_sd(), tmp_path / "good.safetensors")
-    torch.save({"state_dict": random_sd()}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
-    rng = np.random.default_rng(0)
-    cases = {
-        "garbage.ckpt": rng.bytes(4096),
-        "text.pt": b"hello world\n",
-        "garbage.safetensors": rng.bytes(4096),
-        "truncated.ckpt": (tmp_path / "good.ckpt").read_bytes()[:3000],
-        "truncated_legacy.ckpt": (tmp_path / "legacy.ckpt").read_bytes()[:-100],
-        "truncated.safetensors": (tmp_path / "good.safetensors").read_bytes()[:-100],
-    }
-    for name, data in cases.items():
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
-            load_state_dict(tmp_path / name)
-        assert str(tmp_path / name) in str(e.value)
-        assert not isinstance(e.value, UnsafeCheckpointError), name
-
-
-def test_files_without_tensors_are_rejected(tmp_path):
-    torch.save({"state_dict": {"a": 1}}, tmp_path / "m.ckpt")
-    with pytest.raises(CheckpointError, match="m.ckpt.*no tensors"):
-        load_state_dict(tmp_path / "m.ckpt")
-    torch.save([torch.ones(1)], tmp_path / "l.ckpt")
-    with pytest.raises(CheckpointError, match="l.ckpt.*dict"):
-        load_state_dict(tmp_path / "l.ckpt")
-
-
-# --------------------------------------------------------------------------- atomic save
-@pytest.mark.parametrize("suffix, writer", [(".ckpt", (torch, "save")),
-                                            (".safetensors", (safetensors.torch, "save_file"))])
-def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch, suffix, writer):
-    path = tmp_path / f"m{suffix}"
-    save_checkpoint(random_sd(), path)
-    good = path.read_bytes()
-
-    def write_half_then_fail(obj, target, *args, **kwargs):
-        with open(target, "wb") as f:
-            f.write(good[: len(good) // 2])
-        raise OSError("disk full")
-
-    monkeypatch.setattr(*writer, write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(random_sd(torch.float16), path)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(random_sd(), tmp_path / f"new{suffix}")
-    assert path.read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 # --------------------------------------------------------------------------- groups, EMA, load into model
