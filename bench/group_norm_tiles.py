@@ -15,10 +15,12 @@ of this script in another tree (one whose kernels take no `Tiles`) times that tr
 
 One JSON line per shape (each config's forward and backward ms, the shipped one's, the best
 and the floor), then the step's totals (each shape times its count per step) for the shipped
-tiles, the best single config, the best per shape, and the floor. Thirty-seventh session, H200:
-the one-tile-per-program kernels (64 positions x 64 channels) summed to 4.11 ms forward + 7.38
-backward a step, the spans' kernels with the tiles now shipped (32 x 128, spans of 1024) 3.23 +
-6.72, the floor 2.03 + 3.38 (doc/performance/step.md).
+tiles, the best single config, the best per shape, and the floor. H200, batch 32: the
+one-tile-per-program kernels (64 positions x 64 channels) summed to 4.11 ms forward + 7.38
+backward a step, the spans' kernels with fixed spans of 1024 3.23 + 6.72 (thirty-seventh
+session), as shipped (32 x 128, spans halved down to MIN_PROGRAMS programs) 3.16 + 6.45, the
+floor 2.03 + 3.38; batch 6 as shipped 0.97 + 2.06 against the tiles before 1.04 + 2.17
+(thirty-eighth session, doc/performance/step.md).
 """
 from __future__ import annotations
 
