@@ -56,3 +56,4 @@ row encode6clmsin 300 bench/train_step.py --impl ours --batch 6 --encode --compi
 row encode32clms 300 bench/train_step.py --impl ours --batch 32 --encode --compile --channels_last --master
 row full32clmsmb99 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --memory_budget 0.99
 row full32clmsmb999 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --memory_budget 0.999
+row full32clmsfc 300 bench/train_step.py --impl ours --batch 32 --compile --channels_last --master --frozen_on_cpu

@@ -21,6 +21,7 @@
     python bench/train_step.py ... --compile --channels_last --inductor_norm   # GroupNorms in inductor's kernels
     python bench/train_step.py ... --channels_last --norm_tiles 64,64,4,64   # the Triton norms' tiles
     python bench/train_step.py --impl ours --batch 32 --no_text_cache   # the text encoder run every step
+    python bench/train_step.py --impl ours --batch 32 ... --frozen_on_cpu   # peak: the UNet step alone
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --unet_bf16   # probe: no weight casts
     python bench/train_step.py --impl ours --batch 32 --compile --channels_last --bf16_sr    # bf16 weights, adamw_bf16
     python bench/train_step.py --impl ours --batch 6 --low_memory --text_encoder --compile --old_update   # unfused
@@ -130,6 +131,14 @@ def ours(args: argparse.Namespace, with_model: bool = False):
             time.sleep(args.host_delay_ms / 1000)
             return plain()
         step.optimizer = plain.optimizer
+    if args.frozen_on_cpu:  # the UNet step alone, as the diffusers baseline measures it (its context is random)
+        with_frozen, moved = step, []
+
+        def step():
+            with_frozen()  # the first step fills the text encoder's output cache; later steps read it
+            if not moved:
+                moved.extend(part.cpu() for part in (model.first_stage_model, model.cond_stage_model))
+        step.optimizer = with_frozen.optimizer
     if args.cudagraphs:  # as LatentDiffusion.training_step: each step starts a new replay
         graphed = step
 
@@ -291,6 +300,9 @@ def parser() -> argparse.ArgumentParser:
                    help="ours, --channels_last eager: torch's GroupNorm (NCHW copies) instead of group_norm_nhwc")
     p.add_argument("--no_text_cache", action="store_true",
                    help="ours: run the frozen text encoder every step (cache_text_encoder_outputs: false)")
+    p.add_argument("--frozen_on_cpu", action="store_true",
+                   help="ours, latents and text outputs cached: the frozen VAE and text encoder moved to the CPU "
+                        "after the first step, so the peak is the UNet step's alone, as diffusers' row measures it")
     p.add_argument("--inductor_norm", action="store_true",
                    help="with --compile --channels_last: the GroupNorms (+ SiLU) through inductor's kernels "
                         "(GroupNorm32.triton_when_compiled = False), not the Triton operator "
@@ -318,6 +330,8 @@ def main() -> None:
     if args.memory_budget is not None:  # the diffusers baseline (ours passes it to compile_model)
         torch._functorch.config.activation_memory_budget = args.memory_budget
     set_inductor(args.inductor)
+    if args.frozen_on_cpu and (args.impl != "ours" or args.encode or args.no_text_cache or args.text_encoder):
+        raise SystemExit("--frozen_on_cpu: ours only, with the latents and the text encoder's outputs cached")
     setup_cuda()
     set_blas(args.blas)
     GroupNorm32.triton_when_compiled = not args.inductor_norm
@@ -358,6 +372,7 @@ def main() -> None:
                         **({"host_delay_ms": args.host_delay_ms} if args.host_delay_ms else {}),
                         **({"cudagraphs": True, "whole_unet": args.whole_unet} if args.cudagraphs else {}),
                         **({"master": True} if args.master else {}),
+                        **({"frozen_on_cpu": True} if args.frozen_on_cpu else {}),
                         **({"graphs": True} if args.graphs else {}),
                         **({"torch_norm": True} if args.torch_norm else {}),
                         **({"inductor": args.inductor} if args.inductor else {}),
