@@ -23,7 +23,8 @@
 * `InterruptCheckpoint` turns the first Ctrl-C into a stop at the next batch
   boundary (a second Ctrl-C aborts at once), and on Ctrl-C, SIGTERM or an
   exception saves `interrupted-epoch=EE-step=SSSSS.ckpt` (or `errored-...`) and
-  names the file.
+  names the file; not when no optimizer step has run since the start (or the resume),
+  where it would only copy the weights the run began with (11 GB at SD size).
 """
 from __future__ import annotations
 
@@ -325,6 +326,7 @@ class InterruptCheckpoint(pl.Callback):
         self.dirpath = Path(dirpath)
         self._stop_requested = False
         self._previous_handler: Any = None
+        self._start_step: int | None = None  # the step training began at (a resumed run's restored step)
         self.saved_path: Path | None = None
 
     # -- a first Ctrl-C stops cleanly after the current optimizer step -----------------
@@ -333,6 +335,9 @@ class InterruptCheckpoint(pl.Callback):
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread (e.g. a notebook worker): keep the default
             self._previous_handler = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:
@@ -356,6 +361,10 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if self._start_step is None or trainer.global_step == self._start_step:
+            rank_zero_info(f"No checkpoint saved: the run stopped before its first optimizer step (step "
+                           f"{trainer.global_step}), so the weights are still those it started from")
+            return
         kind = "interrupted" if interrupted else "errored"
         path = self.dirpath / f"{kind}-epoch={trainer.current_epoch:02d}-step={trainer.global_step:05d}.ckpt"
         try:
