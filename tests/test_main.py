@@ -152,6 +152,16 @@ def test_bad_overrides_name_the_key(shapes, tmp_path, capsys, override, message)
     assert not any(tmp_path.iterdir())  # nothing was built or written
 
 
+def test_a_missing_optimizer_package_stops_the_run_before_the_model_is_built(shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # as if not installed: its import fails
+    assert run_main(*BASE, "-t", "--data_root", shapes, "-l", tmp_path, "model.params.optimizer.name=lion") == 2
+    err = capsys.readouterr().err
+    assert "model.params.optimizer.name: this optimizer needs the optional package 'lion_pytorch' (not installed)" \
+        in err
+    assert 'pip install "everydream-ldm[lion]"' in err
+    assert not any(tmp_path.iterdir())  # stopped before the model was built: no run folder
+
+
 def test_overrides_reach_the_run(shapes, tmp_path, capsys):
     # without -t the run is built and checked, not trained
     assert run_main(*BASE, "--data_root", shapes, "-l", tmp_path, "data.params.batch_size=3",

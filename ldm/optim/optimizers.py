@@ -23,7 +23,8 @@
 
 Each optimizer is a builder in OPTIMIZERS (name -> function, ldm.optim.registry). Optimizers
 from optional packages import them through `import_optional`, so a missing package ends in an
-error that names the pip extra to install.
+error that names the pip extra to install; reading the config already checks that the package
+is installed (`check_installed`), before any model or weights are loaded.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from ldm.optim.registry import OPTIMIZERS, import_optional
+from ldm.optim.registry import OPTIMIZERS, check_installed, import_optional
 from ldm.optim.schedules import DEFAULT_KEY, TEXT_ENCODER, check_schedule, check_text_encoder_stop, make_scheduler
 from ldm.util import ConfigError, section_values
 
@@ -80,6 +81,7 @@ class OptimizerConfig:
         name = values["name"]
         if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
             raise ConfigError(f"{key}.name: unknown optimizer {name!r}; available: {', '.join(OPTIMIZERS)}")
+        check_installed(name.lower(), key)
         te_lr = values["text_encoder_lr"]
         betas, wd, eps = values["betas"], values["weight_decay"], values["eps"]
         if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -52,13 +54,35 @@ if TYPE_CHECKING:
 SHARED = ("betas", "eps", "weight_decay")  # settings of the section that map onto class arguments
 
 
+# name -> (the optional package it imports, the pip extra that installs it)
+PACKAGES: dict[str, tuple[str, str]] = {
+    "adamw8bit": ("bitsandbytes", "adamw8bit"),
+    "adamw8bit_bf16": ("bitsandbytes", "adamw8bit"),
+    "lion": ("lion_pytorch", "lion"),
+    "prodigy": ("prodigyopt", "prodigy"),
+}
+
+
+def _missing(module: str, extra: str, key: str, why: str) -> ConfigError:
+    return ConfigError(f"{key}.name: this optimizer needs the optional package {module!r} ({why}); "
+                       f"install it with: pip install \"everydream-ldm[{extra}]\"")
+
+
 def import_optional(module: str, extra: str, key: str = DEFAULT_KEY) -> ModuleType:
     """Import the package an optional optimizer needs, or say which pip extra provides it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"{key}.name: this optimizer needs the optional package {module!r} ({e}); "
-                          f"install it with: pip install \"everydream-ldm[{extra}]\"") from e
+        raise _missing(module, extra, key, str(e)) from e
+
+
+def check_installed(name: str, key: str = DEFAULT_KEY) -> None:
+    """When the config is read: the package optimizer `name` needs is installed (found, not yet
+    imported), so a missing one stops the run before the model and its weights are loaded."""
+    if name in PACKAGES:
+        module, extra = PACKAGES[name]
+        if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:  # None: import blocked
+            raise _missing(module, extra, key, "not installed")
 
 
 def _checked_args(optimizer_cls: type, cfg: OptimizerConfig, key: str,
@@ -104,12 +128,12 @@ def _adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
 
 
 def _adamw8bit(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
-    cls = import_optional("bitsandbytes", "adamw8bit", key).optim.AdamW8bit
+    cls = import_optional(*PACKAGES["adamw8bit"], key).optim.AdamW8bit
     return _make(cls, groups, _kwargs(cls, cfg, key))
 
 
 def _lion(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
-    cls = import_optional("lion_pytorch", "lion", key).Lion
+    cls = import_optional(*PACKAGES["lion"], key).Lion
     return _make(cls, groups, _kwargs(cls, cfg, key, own=("betas", "weight_decay")))
 
 
@@ -140,7 +164,7 @@ def _prodigy_class(base: type) -> type:
 
 
 def _prodigy(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str, key: str) -> torch.optim.Optimizer:
-    cls = _prodigy_class(import_optional("prodigyopt", "prodigy", key).Prodigy)
+    cls = _prodigy_class(import_optional(*PACKAGES["prodigy"], key).Prodigy)
     lr = groups[0]["lr"]
     if not 0.1 <= lr <= 10.0:
         rank_zero_warn(f"{key}: prodigy estimates the step size itself and its learning rate is a multiplier "
@@ -181,7 +205,7 @@ def _adamw_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type:
 
 def _adamw8bit_bf16(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str,
                     key: str) -> torch.optim.Optimizer:
-    import_optional("bitsandbytes", "adamw8bit", key)
+    import_optional(*PACKAGES["adamw8bit_bf16"], key)
     from ldm.optim.eight_bit import AdamW8bitBF16
 
     return _make(AdamW8bitBF16, groups, _kwargs(AdamW8bitBF16, cfg, key))

@@ -1,9 +1,12 @@
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.optim import OPTIMIZERS, OptimizerConfig, build_optimizer, build_scheduler, import_optional
+from ldm.util import ConfigError
 
 SECTION = dict(name="adamw", lr=1e-6, text_encoder_lr=None, text_encoder_stop=None, weight_decay=None, betas=None,
                eps=None, args={}, scheduler="constant", warmup=0, num_cycles=1, power=1.0, min_lr_ratio=0.0)
@@ -143,6 +146,18 @@ def test_optional_packages_name_their_pip_extra():
     with pytest.raises(ValueError, match=r'pip install "everydream-ldm\[lion\]"') as e:
         import_optional("surely_not_an_installed_module_xyz", "lion")
     assert str(e.value).startswith("model.params.optimizer.name:")
+
+
+@pytest.mark.parametrize("name, module, extra", [
+    ("adamw8bit", "bitsandbytes", "adamw8bit"), ("adamw8bit_bf16", "bitsandbytes", "adamw8bit"),
+    ("lion", "lion_pytorch", "lion"), ("prodigy", "prodigyopt", "prodigy"),
+])
+def test_reading_the_section_stops_on_a_missing_optional_package(monkeypatch, name, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: its import fails
+    with pytest.raises(ConfigError, match=rf"^model.params.optimizer.name: .*'{module}' \(not installed\); "
+                                          rf'install it with: pip install "everydream-ldm\[{extra}\]"'):
+        OptimizerConfig.from_mapping({"name": name})
+    assert OptimizerConfig.from_mapping({"name": "adamw"}).name == "adamw"  # the others need nothing
 
 
 def test_registry_holds_builders_by_lowercase_name():
