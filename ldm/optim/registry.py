@@ -81,7 +81,8 @@ def check_installed(name: str, key: str = DEFAULT_KEY) -> None:
     imported), so a missing one stops the run before the model and its weights are loaded."""
     if name in PACKAGES:
         module, extra = PACKAGES[name]
-        if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:  # None: import blocked
+        # imported already, or findable; sys.modules[module] = None marks an import that fails
+        if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:
             raise _missing(module, extra, key, "not installed")
 
 

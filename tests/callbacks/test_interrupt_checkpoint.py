@@ -33,12 +33,11 @@ class _Failing(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def _fit(root, model: _Failing, max_steps: int = 3, ckpt_path=None) -> InterruptCheckpoint:
-    callback = InterruptCheckpoint(root / "checkpoints")
+def _fit(root, model: _Failing, max_steps: int = 3, ckpt_path=None) -> None:
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=root, callbacks=[callback])
+                         enable_checkpointing=False, default_root_dir=root,
+                         callbacks=[InterruptCheckpoint(root / "checkpoints")])
     trainer.fit(model, ckpt_path=ckpt_path)
-    return callback
 
 
 def test_an_error_after_some_steps_saves_them_and_names_the_file(tmp_path):
@@ -50,10 +49,10 @@ def test_an_error_after_some_steps_saves_them_and_names_the_file(tmp_path):
     assert ckpt["global_step"] == 2 and ckpt["optimizer_states"]
 
 
-@pytest.mark.parametrize("model", [_Failing(fail_in_setup=True), _Failing(fail_at=0)], ids=["setup", "first step"])
-def test_an_error_before_the_first_optimizer_step_writes_no_checkpoint(tmp_path, caplog, model):
+@pytest.mark.parametrize("failing", [{"fail_in_setup": True}, {"fail_at": 0}], ids=["setup", "first step"])
+def test_an_error_before_the_first_optimizer_step_writes_no_checkpoint(tmp_path, caplog, failing):
     with caplog.at_level(logging.INFO), pytest.raises(RuntimeError):
-        _fit(tmp_path, model)
+        _fit(tmp_path, _Failing(**failing))
     assert not list(tmp_path.rglob("*.ckpt"))  # a copy of the starting weights would be gigabytes for nothing
     assert "No checkpoint saved: the run stopped before its first optimizer step (step 0)" in caplog.text
 
